@@ -1,0 +1,26 @@
+//! Compiles `svcbroker/v1/*.proto` with protox (pure Rust), so building needs
+//! no system `protoc`, and writes a file descriptor set for server reflection.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = [
+        "svcbroker/v1/allocator.proto",
+        "svcbroker/v1/node.proto",
+        "svcbroker/v1/registry.proto",
+    ];
+    for f in files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["."])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("svcbroker_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,76 @@
+//! Serving helpers shared by every svcbroker gRPC server, so that each one
+//! answers `grpc.health.v1.Health` and server reflection the same way.
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+/// Serves `routes` on `listener` together with `grpc.health.v1.Health`
+/// (SERVING for the overall server and for each of `service_names`) and
+/// server reflection in both `grpc.reflection.v1` and `v1alpha` (grpcurl 1.8
+/// only speaks v1alpha), until `shutdown` resolves.
+pub async fn serve<F>(
+    routes: Routes,
+    service_names: &[&str],
+    listener: TcpListener,
+    shutdown: F,
+) -> Result<(), tonic::transport::Error>
+where
+    F: Future<Output = ()> + Send,
+{
+    let (reporter, health) = tonic_health::server::health_reporter();
+    for name in service_names {
+        reporter
+            .set_service_status(*name, ServingStatus::Serving)
+            .await;
+    }
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // Building reflection from descriptors compiled into this binary only
+    // fails if the descriptors are corrupt, which is a build bug.
+    let reflection_v1 = reflection()
+        .build_v1()
+        .expect("embedded file descriptor sets are valid");
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .expect("embedded file descriptor sets are valid");
+
+    let routes = routes
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+    Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// Resolves on SIGINT or SIGTERM: the one shutdown signal of every binary.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}
