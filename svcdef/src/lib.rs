@@ -103,6 +103,8 @@ struct ServiceFile {
     #[serde(default)]
     allow_context_updates: bool,
     #[serde(default)]
+    async_required: bool,
+    #[serde(default)]
     metadata: Option<Value>,
     model: Model,
     #[serde(default)]
@@ -367,6 +369,10 @@ pub struct ServiceDef {
     pub instances_retrievable: bool,
     pub bindings_retrievable: bool,
     pub plan_updateable: bool,
+    /// When true, provision, update and deprovision refuse requests without
+    /// `accepts_incomplete=true` (OSB `AsyncRequired`), e.g. for services
+    /// that take longer than a platform's request timeout to start.
+    pub async_required: bool,
     pub model: Model,
     pub process: Option<ProcessTemplate>,
     pub credentials: BTreeMap<String, Template>,
@@ -866,6 +872,7 @@ fn parse_service(file: &Path, text: &str) -> Result<ServiceDef, Vec<Issue>> {
         instances_retrievable: raw.instances_retrievable,
         bindings_retrievable: raw.bindings_retrievable,
         plan_updateable: raw.plan_updateable,
+        async_required: raw.async_required,
         model: raw.model,
         process,
         credentials,
