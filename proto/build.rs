@@ -19,6 +19,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&fds),
     )?;
     tonic_prost_build::configure()
+        // These carry passwords or files that hold them: their Debug impls
+        // are written by hand in src/redact.rs so secrets never reach a log.
+        .skip_debug([
+            ".svcbroker.v1.Credential",
+            ".svcbroker.v1.FileSpec",
+            ".svcbroker.v1.ProcessSpec",
+            ".svcbroker.v1.BindRequest",
+        ])
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

@@ -12,3 +12,5 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("svcb
 
 #[cfg(feature = "server")]
 pub mod server;
+
+mod redact;
