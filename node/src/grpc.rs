@@ -1,0 +1,109 @@
+//! The `svcbroker.v1.NodeAgent` gRPC service: converts requests into
+//! validated domain types and errors into statuses; the work is in
+//! [`crate::node`].
+
+use std::sync::Arc;
+
+use svcbroker_proto::v1::node_agent_server::NodeAgent;
+use svcbroker_proto::v1::{
+    BindRequest, BindResponse, DeprovisionRequest, DeprovisionResponse, DescribeRequest,
+    ListInstancesRequest, ListInstancesResponse, NodeInfo, ProvisionRequest, ProvisionResponse,
+    UnbindRequest, UnbindResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::error::Error;
+use crate::node::Node;
+use crate::spec::{self, Provision};
+
+/// The NodeAgent implementation.
+pub(crate) struct Agent {
+    pub node: Arc<Node>,
+}
+
+/// Runs `f` on its own task: tonic drops a handler's future when the client
+/// hangs up, and a Provision cut off between spawn and supervision would
+/// leave an unsupervised daemon behind.
+async fn detached<T: Send + 'static>(
+    f: impl Future<Output = Result<T, Error>> + Send + 'static,
+) -> Result<T, Status> {
+    match tokio::spawn(f).await {
+        Ok(r) => r.map_err(Status::from),
+        Err(e) => Err(Status::internal(format!("node task failed: {e}"))),
+    }
+}
+
+#[tonic::async_trait]
+impl NodeAgent for Agent {
+    async fn describe(&self, _req: Request<DescribeRequest>) -> Result<Response<NodeInfo>, Status> {
+        Ok(Response::new(self.node.info()))
+    }
+
+    #[tracing::instrument(skip_all, fields(instance_id = %req.get_ref().instance_id))]
+    async fn provision(
+        &self,
+        req: Request<ProvisionRequest>,
+    ) -> Result<Response<ProvisionResponse>, Status> {
+        let node = self.node.clone();
+        let p = Provision::from_request(req.into_inner(), |port| node.port_in_range(port))?;
+        let result = detached(async move {
+            node.provision(p).await.inspect_err(|e| {
+                tracing::warn!(error = %e.summary(), "provision failed");
+            })
+        })
+        .await?;
+        let (instance, created) = result;
+        Ok(Response::new(ProvisionResponse {
+            instance: Some(instance),
+            created,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(instance_id = %req.get_ref().instance_id))]
+    async fn deprovision(
+        &self,
+        req: Request<DeprovisionRequest>,
+    ) -> Result<Response<DeprovisionResponse>, Status> {
+        let node = self.node.clone();
+        let id = req.into_inner().instance_id;
+        spec::validate_instance_id(&id)?;
+        let removed = detached(async move {
+            node.deprovision(&id).await.inspect_err(|e| {
+                tracing::warn!(error = %e.summary(), "deprovision failed");
+            })
+        })
+        .await?;
+        Ok(Response::new(DeprovisionResponse { removed }))
+    }
+
+    #[tracing::instrument(skip_all, fields(instance_id = %req.get_ref().instance_id))]
+    async fn bind(&self, req: Request<BindRequest>) -> Result<Response<BindResponse>, Status> {
+        // The request carries a password: it is never logged as a whole.
+        let req = req.into_inner();
+        spec::validate_instance_id(&req.instance_id)?;
+        if !self.node.holds(&req.instance_id) {
+            return Err(Error::NotFound(req.instance_id).into());
+        }
+        // Hook point: per-service bind actions (e.g. a Redis ACL user) go
+        // here once service definitions describe them; until then a binding
+        // only needs the instance to exist.
+        Ok(Response::new(BindResponse {}))
+    }
+
+    async fn unbind(
+        &self,
+        _req: Request<UnbindRequest>,
+    ) -> Result<Response<UnbindResponse>, Status> {
+        // Hook point mirroring `bind`: nothing was made, so nothing to undo.
+        Ok(Response::new(UnbindResponse {}))
+    }
+
+    async fn list_instances(
+        &self,
+        _req: Request<ListInstancesRequest>,
+    ) -> Result<Response<ListInstancesResponse>, Status> {
+        Ok(Response::new(ListInstancesResponse {
+            instances: self.node.list(),
+        }))
+    }
+}

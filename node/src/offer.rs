@@ -1,0 +1,105 @@
+//! Which services this node offers: those of `services_dir` whose every
+//! executable is found on this host.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// A service definition reduced to what the offer needs.
+struct Candidate {
+    name: String,
+    executables: Vec<String>,
+}
+
+/// Returns the names of the services in `services_dir` that this host can
+/// run, sorted. A missing or unreadable directory offers nothing (logged).
+pub(crate) fn offered_services(services_dir: &Path) -> Vec<String> {
+    if !services_dir.is_dir() {
+        tracing::warn!(
+            services_dir = %services_dir.display(),
+            "services directory not found: this node offers no services"
+        );
+        return Vec::new();
+    }
+    let candidates = match load_candidates(services_dir) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(
+                services_dir = %services_dir.display(),
+                error = %e,
+                "cannot load service definitions: this node offers no services"
+            );
+            return Vec::new();
+        }
+    };
+    let path_var = std::env::var_os("PATH").unwrap_or_default();
+    let mut offered = Vec::new();
+    for c in candidates {
+        let missing: Vec<&str> = c
+            .executables
+            .iter()
+            .filter(|exe| find_executable(exe, &path_var).is_none())
+            .map(String::as_str)
+            .collect();
+        if missing.is_empty() {
+            offered.push(c.name);
+        } else {
+            tracing::info!(service = %c.name, missing = ?missing, "not offered: executables not found");
+        }
+    }
+    offered.sort();
+    offered.dedup();
+    offered
+}
+
+/// The one place that knows the `svcbroker-svcdef` API.
+fn load_candidates(services_dir: &Path) -> Result<Vec<Candidate>, String> {
+    let catalog = svcbroker_svcdef::Catalog::load_dir(services_dir).map_err(|e| e.to_string())?;
+    Ok(catalog
+        .services()
+        .iter()
+        .map(|s| Candidate {
+            name: s.name.clone(),
+            executables: s.executables(),
+        })
+        .collect())
+}
+
+/// Finds `program` the way `execvp` would: an absolute path must be an
+/// executable file; a bare name is searched in `path_var`. Relative paths
+/// with a slash depend on the daemon's working directory, so they never
+/// count as found.
+pub(crate) fn find_executable(program: &str, path_var: &std::ffi::OsStr) -> Option<PathBuf> {
+    if program.is_empty() {
+        return None;
+    }
+    let candidate = Path::new(program);
+    if program.contains('/') {
+        return (candidate.is_absolute() && is_executable(candidate)).then(|| candidate.to_owned());
+    }
+    std::env::split_paths(path_var)
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .map(|dir| dir.join(program))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(path: &Path) -> bool {
+    std::fs::metadata(path)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_programs_on_path_and_absolute() {
+        let path = std::ffi::OsString::from("/nonexistent:/bin:/usr/bin");
+        assert!(find_executable("sh", &path).is_some());
+        assert!(find_executable("/bin/sh", &path).is_some());
+        assert!(find_executable("no-such-program-xyz", &path).is_none());
+        assert!(find_executable("bin/sh", &path).is_none());
+        assert!(find_executable("/etc/passwd", &path).is_none());
+        assert!(find_executable("", &path).is_none());
+    }
+}
