@@ -9,6 +9,8 @@ use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
+use crate::auth::BearerAuthLayer;
+
 /// Serves `routes` on `listener` together with `grpc.health.v1.Health`
 /// (SERVING for the overall server and for each of `service_names`) and
 /// server reflection in both `grpc.reflection.v1` and `v1alpha` (grpcurl 1.8
@@ -18,6 +20,21 @@ pub async fn serve<F>(
     service_names: &[&str],
     listener: TcpListener,
     shutdown: F,
+) -> Result<(), tonic::transport::Error>
+where
+    F: Future<Output = ()> + Send,
+{
+    serve_with_token(routes, service_names, listener, shutdown, None).await
+}
+
+/// Like [`serve`], and when `token` is set every call except
+/// `grpc.health.v1.Health` must carry `authorization: Bearer <token>`.
+pub async fn serve_with_token<F>(
+    routes: Routes,
+    service_names: &[&str],
+    listener: TcpListener,
+    shutdown: F,
+    token: Option<&str>,
 ) -> Result<(), tonic::transport::Error>
 where
     F: Future<Output = ()> + Send,
@@ -46,7 +63,9 @@ where
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
+    let auth = tower::util::option_layer(token.map(BearerAuthLayer::new));
     Server::builder()
+        .layer(auth)
         .add_routes(routes)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
