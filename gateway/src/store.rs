@@ -1,0 +1,1297 @@
+//! Desired state in SQLite: service instances, bindings and operations.
+//!
+//! One connection lives on a dedicated thread; async callers send it closures
+//! over a channel ([`Store::call`]), so no SQLite call ever blocks a tokio
+//! worker. Every mutation is one `BEGIN IMMEDIATE` transaction. Uniqueness is
+//! the database's job: a duplicate instance or binding id hits the primary
+//! key, and "one operation in progress per instance / per binding" is a
+//! partial UNIQUE index, so two racing requests cannot both win.
+//!
+//! Secrets are never stored here: credentials are re-obtained from the
+//! allocator (whose `IssueCredential` is idempotent per owner).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior, params};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use crate::error::Error;
+
+/// The schema version this build writes (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i32 = 1;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE instances (
+    id                  TEXT PRIMARY KEY,
+    service_id          TEXT NOT NULL,
+    plan_id             TEXT NOT NULL,
+    node_id             TEXT NOT NULL,
+    port                INTEGER,
+    host                TEXT,
+    dir                 TEXT,
+    parameters          TEXT NOT NULL,
+    context             TEXT NOT NULL,
+    organization_guid   TEXT,
+    space_guid          TEXT,
+    maintenance_version TEXT,
+    state               TEXT NOT NULL CHECK (state IN
+                          ('provisioning', 'ready', 'updating', 'deprovisioning', 'failed')),
+    created_at          INTEGER NOT NULL,
+    updated_at          INTEGER NOT NULL
+) STRICT;
+CREATE INDEX instances_node ON instances (node_id);
+
+CREATE TABLE bindings (
+    id            TEXT PRIMARY KEY,
+    instance_id   TEXT NOT NULL REFERENCES instances (id) ON DELETE CASCADE,
+    service_id    TEXT NOT NULL,
+    plan_id       TEXT NOT NULL,
+    parameters    TEXT NOT NULL,
+    context       TEXT NOT NULL,
+    bind_resource TEXT NOT NULL,
+    state         TEXT NOT NULL CHECK (state IN ('binding', 'ready', 'unbinding', 'failed')),
+    created_at    INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL
+) STRICT;
+CREATE INDEX bindings_instance ON bindings (instance_id);
+
+-- Operations outlive their instance or binding: after a deprovision the
+-- succeeded operation is what makes last_operation answer 410 Gone.
+CREATE TABLE operations (
+    seq               INTEGER PRIMARY KEY AUTOINCREMENT,
+    id                TEXT NOT NULL UNIQUE,
+    instance_id       TEXT NOT NULL,
+    binding_id        TEXT,
+    action            TEXT NOT NULL CHECK (action IN
+                        ('provision', 'update', 'deprovision', 'bind', 'unbind')),
+    state             TEXT NOT NULL CHECK (state IN ('in progress', 'succeeded', 'failed')),
+    description       TEXT,
+    step              TEXT,
+    target            TEXT NOT NULL DEFAULT '{}',
+    instance_usable   INTEGER,
+    update_repeatable INTEGER,
+    created_at        INTEGER NOT NULL,
+    updated_at        INTEGER NOT NULL,
+    deadline          INTEGER NOT NULL
+) STRICT;
+-- At most one operation in progress per instance (instance-level actions)
+-- and per binding: the OSB ConcurrencyError is this constraint.
+CREATE UNIQUE INDEX operations_one_per_instance ON operations (instance_id)
+    WHERE state = 'in progress' AND binding_id IS NULL;
+CREATE UNIQUE INDEX operations_one_per_binding ON operations (binding_id)
+    WHERE state = 'in progress' AND binding_id IS NOT NULL;
+CREATE INDEX operations_instance ON operations (instance_id, seq);
+CREATE INDEX operations_binding ON operations (binding_id, seq);
+";
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+macro_rules! string_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident => $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($(#[$vm])* $variant),+ }
+        impl $name {
+            /// Returns the name stored in the database.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $s),+ }
+            }
+            fn parse(s: &str) -> Result<Self, Error> {
+                match s {
+                    $($s => Ok($name::$variant),)+
+                    other => Err(Error::Internal(format!(
+                        concat!("unknown ", stringify!($name), " {:?} in database"), other))),
+                }
+            }
+        }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// Lifecycle state of a service instance.
+    InstanceState {
+        /// The provision operation is in progress.
+        Provisioning => "provisioning",
+        /// Provisioned; usable.
+        Ready => "ready",
+        /// An update operation is in progress.
+        Updating => "updating",
+        /// The deprovision operation is in progress.
+        Deprovisioning => "deprovisioning",
+        /// Provisioning failed and what it took was released; a DELETE
+        /// removes the record, an identical PUT tries again.
+        Failed => "failed",
+    }
+);
+
+string_enum!(
+    /// Lifecycle state of a service binding.
+    BindingState {
+        /// The bind operation is in progress.
+        Binding => "binding",
+        /// Bound; fetchable.
+        Ready => "ready",
+        /// The unbind operation is in progress.
+        Unbinding => "unbinding",
+        /// Binding failed and what it took was released.
+        Failed => "failed",
+    }
+);
+
+string_enum!(
+    /// What an operation does.
+    Action {
+        /// Create an instance.
+        Provision => "provision",
+        /// Change an instance's plan or parameters.
+        Update => "update",
+        /// Remove an instance.
+        Deprovision => "deprovision",
+        /// Create a binding.
+        Bind => "bind",
+        /// Remove a binding.
+        Unbind => "unbind",
+    }
+);
+
+string_enum!(
+    /// OSB operation state, spelled as in `last_operation`.
+    OpState {
+        /// Still running.
+        InProgress => "in progress",
+        /// Done.
+        Succeeded => "succeeded",
+        /// Gave up; what it took was released.
+        Failed => "failed",
+    }
+);
+
+/// A stored service instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceRow {
+    /// OSB instance id.
+    pub id: String,
+    /// Catalog service id.
+    pub service_id: String,
+    /// Catalog plan id (the current plan; an update's new plan is applied
+    /// when it succeeds).
+    pub plan_id: String,
+    /// The node it is placed on.
+    pub node_id: String,
+    /// The leased port, once allocated (0 for model `none`).
+    pub port: Option<u32>,
+    /// The node's advertised host, recorded at provisioning so that
+    /// credentials render without the node being reachable.
+    pub host: Option<String>,
+    /// The instance directory on the node.
+    pub dir: Option<String>,
+    /// Request parameters (a JSON object).
+    pub parameters: Value,
+    /// OSB context object.
+    pub context: Value,
+    /// Deprecated OSB field, kept as sent.
+    pub organization_guid: Option<String>,
+    /// Deprecated OSB field, kept as sent.
+    pub space_guid: Option<String>,
+    /// `maintenance_info.version` the instance runs.
+    pub maintenance_version: Option<String>,
+    /// Lifecycle state.
+    pub state: InstanceState,
+    /// Milliseconds since the epoch.
+    pub created_at: i64,
+    /// Milliseconds since the epoch.
+    pub updated_at: i64,
+}
+
+/// A stored service binding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BindingRow {
+    /// OSB binding id.
+    pub id: String,
+    /// The instance it belongs to.
+    pub instance_id: String,
+    /// Catalog service id as sent.
+    pub service_id: String,
+    /// Catalog plan id as sent.
+    pub plan_id: String,
+    /// Request parameters (a JSON object).
+    pub parameters: Value,
+    /// OSB context object.
+    pub context: Value,
+    /// OSB `bind_resource` (with a top-level `app_guid` folded in).
+    pub bind_resource: Value,
+    /// Lifecycle state.
+    pub state: BindingState,
+    /// Milliseconds since the epoch.
+    pub created_at: i64,
+    /// Milliseconds since the epoch.
+    pub updated_at: i64,
+}
+
+/// A stored operation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OperationRow {
+    /// Operation id, returned to the platform as `operation`.
+    pub id: String,
+    /// The instance it acts on.
+    pub instance_id: String,
+    /// The binding it acts on (bind and unbind).
+    pub binding_id: Option<String>,
+    /// What it does.
+    pub action: Action,
+    /// OSB state.
+    pub state: OpState,
+    /// User-facing progress or failure message (never a secret).
+    pub description: Option<String>,
+    /// The step it reached, for operators.
+    pub step: Option<String>,
+    /// What an update changes to: `{plan_id, parameters,
+    /// maintenance_version, context}`; `{}` for other actions.
+    pub target: Value,
+    /// OSB `instance_usable` of a failed update or deprovision.
+    pub instance_usable: Option<bool>,
+    /// OSB `update_repeatable` of a failed update.
+    pub update_repeatable: Option<bool>,
+    /// Milliseconds since the epoch.
+    pub created_at: i64,
+    /// Milliseconds since the epoch.
+    pub updated_at: i64,
+    /// When the operation gives up (milliseconds since the epoch).
+    pub deadline: i64,
+}
+
+/// What a new instance is made of.
+#[derive(Debug, Clone)]
+pub struct NewInstance {
+    /// OSB instance id.
+    pub id: String,
+    /// Catalog service id.
+    pub service_id: String,
+    /// Catalog plan id.
+    pub plan_id: String,
+    /// Request parameters (`{}` when absent).
+    pub parameters: Value,
+    /// OSB context (`{}` when absent).
+    pub context: Value,
+    /// Deprecated OSB field.
+    pub organization_guid: Option<String>,
+    /// Deprecated OSB field.
+    pub space_guid: Option<String>,
+    /// The plan's `maintenance_info.version`.
+    pub maintenance_version: Option<String>,
+}
+
+/// What a new binding is made of.
+#[derive(Debug, Clone)]
+pub struct NewBinding {
+    /// OSB binding id.
+    pub id: String,
+    /// The instance.
+    pub instance_id: String,
+    /// Catalog service id.
+    pub service_id: String,
+    /// Catalog plan id.
+    pub plan_id: String,
+    /// Request parameters (`{}` when absent).
+    pub parameters: Value,
+    /// OSB context (`{}` when absent).
+    pub context: Value,
+    /// OSB bind_resource (`{}` when absent).
+    pub bind_resource: Value,
+}
+
+/// A new operation.
+#[derive(Debug, Clone)]
+pub struct NewOperation {
+    /// Operation id.
+    pub id: String,
+    /// When it gives up (milliseconds since the epoch).
+    pub deadline: i64,
+    /// See [`OperationRow::target`].
+    pub target: Value,
+}
+
+impl NewOperation {
+    /// Returns an operation with a fresh id, `deadline_ms` from now.
+    pub fn fresh(deadline_in_ms: i64, target: Value) -> NewOperation {
+        NewOperation {
+            id: uuid::Uuid::new_v4().to_string(),
+            deadline: now_ms().saturating_add(deadline_in_ms),
+            target,
+        }
+    }
+}
+
+/// A node that could take a new instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSlot {
+    /// Node id.
+    pub node_id: String,
+    /// Its total capacity.
+    pub capacity: u32,
+}
+
+/// An instance with its most recent instance-level operation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceView {
+    /// The instance.
+    pub instance: InstanceRow,
+    /// Its most recent instance-level operation.
+    pub last_op: Option<OperationRow>,
+}
+
+/// A binding with its most recent operation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BindingView {
+    /// The binding.
+    pub binding: BindingRow,
+    /// Its most recent operation.
+    pub last_op: Option<OperationRow>,
+}
+
+/// Result of [`Store::create_instance`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum CreateInstance {
+    /// The instance and its provision operation were recorded.
+    Created(InstanceView),
+    /// An instance with this id exists (the primary key said so).
+    Exists(InstanceView),
+    /// No candidate node has a free slot.
+    NoCapacity,
+}
+
+/// Result of [`Store::create_binding`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum CreateBinding {
+    /// The binding and its bind operation were recorded.
+    Created(BindingView),
+    /// A binding with this id exists (the primary key said so).
+    Exists(BindingView),
+    /// The instance does not exist.
+    InstanceMissing,
+    /// The instance is not in a state that can be bound (provisioning,
+    /// failed, deprovisioning) or another instance operation runs.
+    InstanceBusy(InstanceView),
+}
+
+/// Result of starting an operation on an existing instance or binding.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StartOp {
+    /// Recorded; the operation is returned.
+    Started(OperationRow),
+    /// The instance or binding does not exist.
+    Missing,
+    /// Another operation is in progress (returned when known).
+    Busy(Option<OperationRow>),
+}
+
+/// How an operation ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// Succeeded or Failed.
+    pub state: OpState,
+    /// User-facing message.
+    pub description: Option<String>,
+    /// OSB `instance_usable`.
+    pub instance_usable: Option<bool>,
+    /// OSB `update_repeatable`.
+    pub update_repeatable: Option<bool>,
+}
+
+enum Msg {
+    Job(Box<dyn FnOnce(&mut Connection) + Send>),
+    Close,
+}
+
+/// Handle to the store thread; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    tx: std::sync::mpsc::Sender<Msg>,
+    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+    path: Arc<PathBuf>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` on a new thread,
+    /// in WAL mode with `synchronous=FULL`, migrating the schema.
+    pub async fn open(path: &Path) -> Result<Store, Error> {
+        let path = path.to_path_buf();
+        let (tx, rx) = std::sync::mpsc::channel::<Msg>();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let thread_path = path.clone();
+        let thread = std::thread::Builder::new()
+            .name("gateway-store".into())
+            .spawn(move || {
+                let mut conn = match open_connection(&thread_path) {
+                    Ok(c) => {
+                        let _ = ready_tx.send(Ok(()));
+                        c
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                while let Ok(msg) = rx.recv() {
+                    match msg {
+                        Msg::Job(job) => job(&mut conn),
+                        Msg::Close => break,
+                    }
+                }
+                // Dropping the connection checkpoints the WAL and closes the
+                // file, so the same database can be reopened at once.
+                drop(conn);
+            })?;
+        ready_rx
+            .await
+            .map_err(|_| Error::Internal("store thread died while opening".into()))??;
+        Ok(Store {
+            tx,
+            thread: Arc::new(Mutex::new(Some(thread))),
+            path: Arc::new(path),
+        })
+    }
+
+    /// Runs `f` on the store thread and returns its result.
+    pub async fn call<R, F>(&self, f: F) -> Result<R, Error>
+    where
+        F: FnOnce(&mut Connection) -> Result<R, Error> + Send + 'static,
+        R: Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Job(Box::new(move |conn| {
+                let _ = tx.send(f(conn));
+            })))
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Stops the store thread after the jobs already queued and waits for
+    /// it, closing the database. Later calls fail with
+    /// [`Error::ShuttingDown`].
+    pub async fn close(&self) {
+        let _ = self.tx.send(Msg::Close);
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+
+    /// Records a new instance and its provision operation, placing it on the
+    /// candidate with the most free slots (capacity minus instances already
+    /// placed there, counted inside the same transaction). A duplicate id
+    /// hits the primary key and returns [`CreateInstance::Exists`].
+    pub async fn create_instance(
+        &self,
+        new: NewInstance,
+        op: NewOperation,
+        candidates: Vec<NodeSlot>,
+    ) -> Result<CreateInstance, Error> {
+        self.call(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let placed = pick_node(&tx, &candidates)?;
+            let Some(node_id) = placed else {
+                let existing = instance_view(&tx, &new.id)?;
+                return Ok(match existing {
+                    Some(v) => CreateInstance::Exists(v),
+                    None => CreateInstance::NoCapacity,
+                });
+            };
+            let now = now_ms();
+            let inserted = tx.execute(
+                "INSERT INTO instances (id, service_id, plan_id, node_id, parameters, context,
+                     organization_guid, space_guid, maintenance_version, state, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'provisioning', ?10, ?10)",
+                params![
+                    new.id,
+                    new.service_id,
+                    new.plan_id,
+                    node_id,
+                    new.parameters.to_string(),
+                    new.context.to_string(),
+                    new.organization_guid,
+                    new.space_guid,
+                    new.maintenance_version,
+                    now
+                ],
+            );
+            match inserted {
+                Ok(_) => {}
+                Err(e) if is_constraint(&e) => {
+                    let existing = instance_view(&tx, &new.id)?
+                        .ok_or_else(|| Error::Internal("instance vanished in a transaction".into()))?;
+                    return Ok(CreateInstance::Exists(existing));
+                }
+                Err(e) => return Err(e.into()),
+            }
+            insert_op(&tx, &op, &new.id, None, Action::Provision)?;
+            let view = instance_view(&tx, &new.id)?
+                .ok_or_else(|| Error::Internal("instance vanished in a transaction".into()))?;
+            tx.commit()?;
+            Ok(CreateInstance::Created(view))
+        })
+        .await
+    }
+
+    /// Starts a new provision operation for an instance whose provisioning
+    /// failed (an identical PUT after a failure tries again).
+    pub async fn retry_provision(
+        &self,
+        instance_id: &str,
+        op: NewOperation,
+    ) -> Result<StartOp, Error> {
+        let instance_id = instance_id.to_owned();
+        self.call(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let Some(view) = instance_view(&tx, &instance_id)? else {
+                return Ok(StartOp::Missing);
+            };
+            if view.instance.state != InstanceState::Failed {
+                return Ok(StartOp::Busy(view.last_op));
+            }
+            let started = match insert_op(&tx, &op, &instance_id, None, Action::Provision) {
+                Ok(op) => op,
+                Err(Error::Storage(e)) if is_constraint(&e) => {
+                    return Ok(StartOp::Busy(active_instance_op(&tx, &instance_id)?));
+                }
+                Err(e) => return Err(e),
+            };
+            set_instance_state(&tx, &instance_id, InstanceState::Provisioning)?;
+            tx.commit()?;
+            Ok(StartOp::Started(started))
+        })
+        .await
+    }
+
+    /// Starts an update or deprovision operation on an existing instance.
+    /// Refused ([`StartOp::Busy`]) while any operation on the instance or
+    /// one of its bindings is in progress.
+    pub async fn start_instance_op(
+        &self,
+        instance_id: &str,
+        action: Action,
+        op: NewOperation,
+    ) -> Result<StartOp, Error> {
+        let new_state = match action {
+            Action::Update => InstanceState::Updating,
+            Action::Deprovision => InstanceState::Deprovisioning,
+            other => {
+                return Err(Error::Internal(format!(
+                    "start_instance_op called for {other}"
+                )));
+            }
+        };
+        let instance_id = instance_id.to_owned();
+        self.call(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let Some(view) = instance_view(&tx, &instance_id)? else {
+                return Ok(StartOp::Missing);
+            };
+            let binding_busy: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM operations WHERE instance_id = ?1
+                     AND binding_id IS NOT NULL AND state = 'in progress')",
+                [&instance_id],
+                |r| r.get(0),
+            )?;
+            if binding_busy {
+                return Ok(StartOp::Busy(None));
+            }
+            if action == Action::Update && view.instance.state != InstanceState::Ready {
+                return Ok(StartOp::Busy(view.last_op));
+            }
+            let started = match insert_op(&tx, &op, &instance_id, None, action) {
+                Ok(op) => op,
+                Err(Error::Storage(e)) if is_constraint(&e) => {
+                    return Ok(StartOp::Busy(active_instance_op(&tx, &instance_id)?));
+                }
+                Err(e) => return Err(e),
+            };
+            set_instance_state(&tx, &instance_id, new_state)?;
+            tx.commit()?;
+            Ok(StartOp::Started(started))
+        })
+        .await
+    }
+
+    /// Records a new binding and its bind operation. A duplicate id hits the
+    /// primary key and returns [`CreateBinding::Exists`] (whatever state the
+    /// instance is in, so that repeats get their idempotent answer).
+    pub async fn create_binding(
+        &self,
+        new: NewBinding,
+        op: NewOperation,
+    ) -> Result<CreateBinding, Error> {
+        self.call(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let Some(instance) = instance_view(&tx, &new.instance_id)? else {
+                // Another instance's binding with this id still "exists".
+                return Ok(match binding_view(&tx, &new.id)? {
+                    Some(b) => CreateBinding::Exists(b),
+                    None => CreateBinding::InstanceMissing,
+                });
+            };
+            let now = now_ms();
+            let inserted = tx.execute(
+                "INSERT INTO bindings (id, instance_id, service_id, plan_id, parameters, context,
+                     bind_resource, state, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'binding', ?8, ?8)",
+                params![
+                    new.id,
+                    new.instance_id,
+                    new.service_id,
+                    new.plan_id,
+                    new.parameters.to_string(),
+                    new.context.to_string(),
+                    new.bind_resource.to_string(),
+                    now
+                ],
+            );
+            match inserted {
+                Ok(_) => {}
+                Err(e) if is_constraint(&e) => {
+                    let existing = binding_view(&tx, &new.id)?.ok_or_else(|| {
+                        Error::Internal("binding vanished in a transaction".into())
+                    })?;
+                    return Ok(CreateBinding::Exists(existing));
+                }
+                Err(e) => return Err(e.into()),
+            }
+            let instance_busy = instance.instance.state != InstanceState::Ready
+                || instance
+                    .last_op
+                    .as_ref()
+                    .is_some_and(|o| o.state == OpState::InProgress);
+            if instance_busy {
+                // Dropping the transaction rolls the binding back.
+                return Ok(CreateBinding::InstanceBusy(instance));
+            }
+            insert_op(&tx, &op, &new.instance_id, Some(&new.id), Action::Bind)?;
+            let view = binding_view(&tx, &new.id)?
+                .ok_or_else(|| Error::Internal("binding vanished in a transaction".into()))?;
+            tx.commit()?;
+            Ok(CreateBinding::Created(view))
+        })
+        .await
+    }
+
+    /// Starts a new bind operation for a binding whose binding failed.
+    pub async fn retry_bind(&self, binding_id: &str, op: NewOperation) -> Result<StartOp, Error> {
+        let binding_id = binding_id.to_owned();
+        self.call(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let Some(view) = binding_view(&tx, &binding_id)? else {
+                return Ok(StartOp::Missing);
+            };
+            let instance = instance_view(&tx, &view.binding.instance_id)?;
+            let instance_ok = instance.as_ref().is_some_and(|i| {
+                i.instance.state == InstanceState::Ready
+                    && !i
+                        .last_op
+                        .as_ref()
+                        .is_some_and(|o| o.state == OpState::InProgress)
+            });
+            if view.binding.state != BindingState::Failed || !instance_ok {
+                return Ok(StartOp::Busy(view.last_op));
+            }
+            let instance_id = view.binding.instance_id.clone();
+            let started = match insert_op(&tx, &op, &instance_id, Some(&binding_id), Action::Bind) {
+                Ok(op) => op,
+                Err(Error::Storage(e)) if is_constraint(&e) => return Ok(StartOp::Busy(None)),
+                Err(e) => return Err(e),
+            };
+            set_binding_state(&tx, &binding_id, BindingState::Binding)?;
+            tx.commit()?;
+            Ok(StartOp::Started(started))
+        })
+        .await
+    }
+
+    /// Starts an unbind operation. Refused while an operation on the
+    /// instance or on this binding is in progress.
+    pub async fn start_unbind(
+        &self,
+        instance_id: &str,
+        binding_id: &str,
+        op: NewOperation,
+    ) -> Result<StartOp, Error> {
+        let (instance_id, binding_id) = (instance_id.to_owned(), binding_id.to_owned());
+        self.call(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let Some(view) = binding_view(&tx, &binding_id)? else {
+                return Ok(StartOp::Missing);
+            };
+            if view.binding.instance_id != instance_id {
+                return Ok(StartOp::Missing);
+            }
+            if let Some(active) = active_instance_op(&tx, &instance_id)? {
+                return Ok(StartOp::Busy(Some(active)));
+            }
+            let started = match insert_op(&tx, &op, &instance_id, Some(&binding_id), Action::Unbind)
+            {
+                Ok(op) => op,
+                Err(Error::Storage(e)) if is_constraint(&e) => {
+                    return Ok(StartOp::Busy(
+                        binding_view(&tx, &binding_id)?.and_then(|b| b.last_op),
+                    ));
+                }
+                Err(e) => return Err(e),
+            };
+            set_binding_state(&tx, &binding_id, BindingState::Unbinding)?;
+            tx.commit()?;
+            Ok(StartOp::Started(started))
+        })
+        .await
+    }
+
+    /// Ends an operation (if still in progress) and applies its effect on
+    /// the instance or binding in the same transaction. Returns the
+    /// operation as stored afterwards.
+    pub async fn finish_op(&self, op_id: &str, outcome: Outcome) -> Result<OperationRow, Error> {
+        let op_id = op_id.to_owned();
+        self.call(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let op = get_op(&tx, &op_id)?
+                .ok_or_else(|| Error::Internal(format!("operation {op_id} not found")))?;
+            if op.state != OpState::InProgress {
+                return Ok(op);
+            }
+            let ok = outcome.state == OpState::Succeeded;
+            let iid = op.instance_id.as_str();
+            match (op.action, &op.binding_id) {
+                (Action::Provision, _) => set_instance_state(
+                    &tx,
+                    iid,
+                    if ok {
+                        InstanceState::Ready
+                    } else {
+                        InstanceState::Failed
+                    },
+                )?,
+                (Action::Update, _) => {
+                    if ok {
+                        let t = &op.target;
+                        if let Some(plan) = t.get("plan_id").and_then(Value::as_str) {
+                            tx.execute(
+                                "UPDATE instances SET plan_id = ?2 WHERE id = ?1",
+                                params![iid, plan],
+                            )?;
+                        }
+                        if let Some(p) = t.get("parameters").filter(|p| p.is_object()) {
+                            tx.execute(
+                                "UPDATE instances SET parameters = ?2 WHERE id = ?1",
+                                params![iid, p.to_string()],
+                            )?;
+                        }
+                        if let Some(m) = t.get("maintenance_version").and_then(Value::as_str) {
+                            tx.execute(
+                                "UPDATE instances SET maintenance_version = ?2 WHERE id = ?1",
+                                params![iid, m],
+                            )?;
+                        }
+                        if let Some(c) = t.get("context").filter(|c| c.is_object()) {
+                            tx.execute(
+                                "UPDATE instances SET context = ?2 WHERE id = ?1",
+                                params![iid, c.to_string()],
+                            )?;
+                        }
+                    }
+                    set_instance_state(&tx, iid, InstanceState::Ready)?;
+                }
+                (Action::Deprovision, _) => {
+                    if ok {
+                        // Bindings go with it (ON DELETE CASCADE).
+                        tx.execute("DELETE FROM instances WHERE id = ?1", [iid])?;
+                    } else {
+                        set_instance_state(&tx, iid, InstanceState::Ready)?;
+                    }
+                }
+                (Action::Bind, Some(bid)) => set_binding_state(
+                    &tx,
+                    bid,
+                    if ok {
+                        BindingState::Ready
+                    } else {
+                        BindingState::Failed
+                    },
+                )?,
+                (Action::Unbind, Some(bid)) => {
+                    if ok {
+                        tx.execute("DELETE FROM bindings WHERE id = ?1", [bid])?;
+                    } else {
+                        set_binding_state(&tx, bid, BindingState::Ready)?;
+                    }
+                }
+                (action, None) => {
+                    return Err(Error::Internal(format!(
+                        "{action} operation without binding"
+                    )));
+                }
+            }
+            tx.execute(
+                "UPDATE operations SET state = ?2, description = ?3, instance_usable = ?4,
+                     update_repeatable = ?5, updated_at = ?6 WHERE id = ?1",
+                params![
+                    op_id,
+                    outcome.state.as_str(),
+                    outcome.description,
+                    outcome.instance_usable,
+                    outcome.update_repeatable,
+                    now_ms()
+                ],
+            )?;
+            let op = get_op(&tx, &op_id)?
+                .ok_or_else(|| Error::Internal(format!("operation {op_id} not found")))?;
+            tx.commit()?;
+            Ok(op)
+        })
+        .await
+    }
+
+    /// Records the step an operation reached and, optionally, a progress
+    /// description.
+    pub async fn set_step(
+        &self,
+        op_id: &str,
+        step: &str,
+        description: Option<String>,
+    ) -> Result<(), Error> {
+        let (op_id, step) = (op_id.to_owned(), step.to_owned());
+        self.call(move |conn| {
+            conn.execute(
+                "UPDATE operations SET step = ?2, description = COALESCE(?3, description),
+                     updated_at = ?4 WHERE id = ?1 AND state = 'in progress'",
+                params![op_id, step, description, now_ms()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records where an instance landed: its port and the node's host and
+    /// instance directory.
+    pub async fn set_placement(
+        &self,
+        instance_id: &str,
+        port: u32,
+        host: &str,
+        dir: &str,
+    ) -> Result<(), Error> {
+        let (id, host, dir) = (instance_id.to_owned(), host.to_owned(), dir.to_owned());
+        self.call(move |conn| {
+            conn.execute(
+                "UPDATE instances SET port = ?2, host = ?3, dir = ?4, updated_at = ?5 WHERE id = ?1",
+                params![id, port, host, dir, now_ms()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Replaces an instance's context (a context-only update needs no
+    /// operation).
+    pub async fn set_context(&self, instance_id: &str, context: Value) -> Result<(), Error> {
+        let id = instance_id.to_owned();
+        self.call(move |conn| {
+            conn.execute(
+                "UPDATE instances SET context = ?2, updated_at = ?3 WHERE id = ?1",
+                params![id, context.to_string(), now_ms()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Returns an instance with its most recent instance-level operation.
+    pub async fn get_instance(&self, id: &str) -> Result<Option<InstanceView>, Error> {
+        let id = id.to_owned();
+        self.call(move |conn| instance_view(conn, &id)).await
+    }
+
+    /// Returns a binding with its most recent operation.
+    pub async fn get_binding(&self, id: &str) -> Result<Option<BindingView>, Error> {
+        let id = id.to_owned();
+        self.call(move |conn| binding_view(conn, &id)).await
+    }
+
+    /// Returns an operation by id.
+    pub async fn get_operation(&self, id: &str) -> Result<Option<OperationRow>, Error> {
+        let id = id.to_owned();
+        self.call(move |conn| get_op(conn, &id)).await
+    }
+
+    /// Returns the most recent instance-level operation of `instance_id`,
+    /// even after the instance was deleted.
+    pub async fn last_instance_op(&self, instance_id: &str) -> Result<Option<OperationRow>, Error> {
+        let id = instance_id.to_owned();
+        self.call(move |conn| last_instance_op(conn, &id)).await
+    }
+
+    /// Returns the most recent operation of `binding_id`, even after the
+    /// binding was deleted.
+    pub async fn last_binding_op(&self, binding_id: &str) -> Result<Option<OperationRow>, Error> {
+        let id = binding_id.to_owned();
+        self.call(move |conn| {
+            conn.query_row(
+                &format!(
+                    "SELECT {OP_COLUMNS} FROM operations WHERE binding_id = ?1
+                     ORDER BY seq DESC LIMIT 1"
+                ),
+                [id],
+                op_from_row,
+            )
+            .optional()?
+            .transpose()
+        })
+        .await
+    }
+
+    /// Returns every operation still in progress, oldest first (resumed at
+    /// startup).
+    pub async fn ops_in_progress(&self) -> Result<Vec<OperationRow>, Error> {
+        self.call(|conn| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {OP_COLUMNS} FROM operations WHERE state = 'in progress' ORDER BY seq"
+            ))?;
+            let rows = stmt.query_map([], op_from_row)?;
+            rows.map(|r| r?).collect()
+        })
+        .await
+    }
+
+    /// Returns the bindings of an instance.
+    pub async fn bindings_of(&self, instance_id: &str) -> Result<Vec<BindingRow>, Error> {
+        let id = instance_id.to_owned();
+        self.call(move |conn| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {BINDING_COLUMNS} FROM bindings WHERE instance_id = ?1 ORDER BY created_at, id"
+            ))?;
+            let rows = stmt.query_map([id], binding_from_row)?;
+            rows.map(|r| r?).collect()
+        })
+        .await
+    }
+
+    /// Returns the instances placed on `node_id` that are ready and have no
+    /// operation in progress, each with its ready bindings: what a node that
+    /// restarted must be told again.
+    pub async fn settled_on_node(
+        &self,
+        node_id: &str,
+    ) -> Result<Vec<(InstanceRow, Vec<BindingRow>)>, Error> {
+        let node_id = node_id.to_owned();
+        self.call(move |conn| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {INSTANCE_COLUMNS} FROM instances i WHERE node_id = ?1 AND state = 'ready'
+                   AND NOT EXISTS (SELECT 1 FROM operations o WHERE o.instance_id = i.id
+                                   AND o.state = 'in progress')
+                 ORDER BY created_at, id"
+            ))?;
+            let instances: Vec<InstanceRow> = stmt
+                .query_map([&node_id], instance_from_row)?
+                .map(|r| r?)
+                .collect::<Result<_, Error>>()?;
+            let mut out = Vec::with_capacity(instances.len());
+            let mut bstmt = conn.prepare(&format!(
+                "SELECT {BINDING_COLUMNS} FROM bindings WHERE instance_id = ?1 AND state = 'ready'
+                 ORDER BY created_at, id"
+            ))?;
+            for i in instances {
+                let bindings = bstmt
+                    .query_map([&i.id], binding_from_row)?
+                    .map(|r| r?)
+                    .collect::<Result<Vec<_>, Error>>()?;
+                out.push((i, bindings));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Returns how many instances the database places on each node.
+    pub async fn instances_per_node(&self) -> Result<Vec<(String, u32)>, Error> {
+        self.call(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT node_id, COUNT(*) FROM instances GROUP BY node_id ORDER BY node_id",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+}
+
+fn open_connection(path: &Path) -> Result<Connection, Error> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::Internal(format!(
+            "database {} does not support WAL journal mode (got {mode})",
+            path.display()
+        )));
+    }
+    // FULL: an operation the platform was told about (202) survives a power
+    // loss, not only a process crash.
+    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
+    migrate(&conn)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection) -> Result<(), Error> {
+    let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(Error::UnsupportedSchema {
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    if version < 1 {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {SCHEMA_V1} PRAGMA user_version = 1; COMMIT;"
+        ))?;
+    }
+    Ok(())
+}
+
+fn is_constraint(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::ConstraintViolation)
+}
+
+const INSTANCE_COLUMNS: &str = "id, service_id, plan_id, node_id, port, host, dir, parameters, \
+     context, organization_guid, space_guid, maintenance_version, state, created_at, updated_at";
+const BINDING_COLUMNS: &str = "id, instance_id, service_id, plan_id, parameters, context, \
+     bind_resource, state, created_at, updated_at";
+const OP_COLUMNS: &str = "id, instance_id, binding_id, action, state, description, step, target, \
+     instance_usable, update_repeatable, created_at, updated_at, deadline";
+
+fn json_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<Value> {
+    let text: String = row.get(idx)?;
+    Ok(serde_json::from_str(&text).unwrap_or_else(|_| json!({})))
+}
+
+fn instance_from_row(row: &Row<'_>) -> rusqlite::Result<Result<InstanceRow, Error>> {
+    let state: String = row.get(12)?;
+    let state = match InstanceState::parse(&state) {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(e)),
+    };
+    Ok(Ok(InstanceRow {
+        id: row.get(0)?,
+        service_id: row.get(1)?,
+        plan_id: row.get(2)?,
+        node_id: row.get(3)?,
+        port: row.get(4)?,
+        host: row.get(5)?,
+        dir: row.get(6)?,
+        parameters: json_col(row, 7)?,
+        context: json_col(row, 8)?,
+        organization_guid: row.get(9)?,
+        space_guid: row.get(10)?,
+        maintenance_version: row.get(11)?,
+        state,
+        created_at: row.get(13)?,
+        updated_at: row.get(14)?,
+    }))
+}
+
+fn binding_from_row(row: &Row<'_>) -> rusqlite::Result<Result<BindingRow, Error>> {
+    let state: String = row.get(7)?;
+    let state = match BindingState::parse(&state) {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(e)),
+    };
+    Ok(Ok(BindingRow {
+        id: row.get(0)?,
+        instance_id: row.get(1)?,
+        service_id: row.get(2)?,
+        plan_id: row.get(3)?,
+        parameters: json_col(row, 4)?,
+        context: json_col(row, 5)?,
+        bind_resource: json_col(row, 6)?,
+        state,
+        created_at: row.get(8)?,
+        updated_at: row.get(9)?,
+    }))
+}
+
+fn op_from_row(row: &Row<'_>) -> rusqlite::Result<Result<OperationRow, Error>> {
+    let action: String = row.get(3)?;
+    let state: String = row.get(4)?;
+    let (action, state) = match (Action::parse(&action), OpState::parse(&state)) {
+        (Ok(a), Ok(s)) => (a, s),
+        (Err(e), _) | (_, Err(e)) => return Ok(Err(e)),
+    };
+    Ok(Ok(OperationRow {
+        id: row.get(0)?,
+        instance_id: row.get(1)?,
+        binding_id: row.get(2)?,
+        action,
+        state,
+        description: row.get(5)?,
+        step: row.get(6)?,
+        target: json_col(row, 7)?,
+        instance_usable: row.get(8)?,
+        update_repeatable: row.get(9)?,
+        created_at: row.get(10)?,
+        updated_at: row.get(11)?,
+        deadline: row.get(12)?,
+    }))
+}
+
+fn get_op(conn: &Connection, id: &str) -> Result<Option<OperationRow>, Error> {
+    conn.query_row(
+        &format!("SELECT {OP_COLUMNS} FROM operations WHERE id = ?1"),
+        [id],
+        op_from_row,
+    )
+    .optional()?
+    .transpose()
+}
+
+fn last_instance_op(conn: &Connection, instance_id: &str) -> Result<Option<OperationRow>, Error> {
+    conn.query_row(
+        &format!(
+            "SELECT {OP_COLUMNS} FROM operations WHERE instance_id = ?1 AND binding_id IS NULL
+             ORDER BY seq DESC LIMIT 1"
+        ),
+        [instance_id],
+        op_from_row,
+    )
+    .optional()?
+    .transpose()
+}
+
+fn active_instance_op(conn: &Connection, instance_id: &str) -> Result<Option<OperationRow>, Error> {
+    Ok(last_instance_op(conn, instance_id)?.filter(|o| o.state == OpState::InProgress))
+}
+
+fn instance_view(conn: &Connection, id: &str) -> Result<Option<InstanceView>, Error> {
+    let Some(instance) = conn
+        .query_row(
+            &format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE id = ?1"),
+            [id],
+            instance_from_row,
+        )
+        .optional()?
+        .transpose()?
+    else {
+        return Ok(None);
+    };
+    let last_op = last_instance_op(conn, id)?;
+    Ok(Some(InstanceView { instance, last_op }))
+}
+
+fn binding_view(conn: &Connection, id: &str) -> Result<Option<BindingView>, Error> {
+    let Some(binding) = conn
+        .query_row(
+            &format!("SELECT {BINDING_COLUMNS} FROM bindings WHERE id = ?1"),
+            [id],
+            binding_from_row,
+        )
+        .optional()?
+        .transpose()?
+    else {
+        return Ok(None);
+    };
+    let last_op = conn
+        .query_row(
+            &format!(
+                "SELECT {OP_COLUMNS} FROM operations WHERE binding_id = ?1 ORDER BY seq DESC LIMIT 1"
+            ),
+            [id],
+            op_from_row,
+        )
+        .optional()?
+        .transpose()?;
+    Ok(Some(BindingView { binding, last_op }))
+}
+
+fn insert_op(
+    conn: &Connection,
+    op: &NewOperation,
+    instance_id: &str,
+    binding_id: Option<&str>,
+    action: Action,
+) -> Result<OperationRow, Error> {
+    let now = now_ms();
+    conn.execute(
+        "INSERT INTO operations (id, instance_id, binding_id, action, state, target,
+             created_at, updated_at, deadline)
+         VALUES (?1, ?2, ?3, ?4, 'in progress', ?5, ?6, ?6, ?7)",
+        params![
+            op.id,
+            instance_id,
+            binding_id,
+            action.as_str(),
+            op.target.to_string(),
+            now,
+            op.deadline
+        ],
+    )?;
+    get_op(conn, &op.id)?.ok_or_else(|| Error::Internal("operation vanished".into()))
+}
+
+fn set_instance_state(conn: &Connection, id: &str, state: InstanceState) -> Result<(), Error> {
+    conn.execute(
+        "UPDATE instances SET state = ?2, updated_at = ?3 WHERE id = ?1",
+        params![id, state.as_str(), now_ms()],
+    )?;
+    Ok(())
+}
+
+fn set_binding_state(conn: &Connection, id: &str, state: BindingState) -> Result<(), Error> {
+    conn.execute(
+        "UPDATE bindings SET state = ?2, updated_at = ?3 WHERE id = ?1",
+        params![id, state.as_str(), now_ms()],
+    )?;
+    Ok(())
+}
+
+/// Picks the candidate with the most free slots (ties: lowest node id).
+fn pick_node(conn: &Connection, candidates: &[NodeSlot]) -> Result<Option<String>, Error> {
+    let mut best: Option<(i64, &str)> = None;
+    for c in candidates {
+        let used: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM instances WHERE node_id = ?1",
+            [&c.node_id],
+            |r| r.get(0),
+        )?;
+        let free = i64::from(c.capacity) - used;
+        if free <= 0 {
+            continue;
+        }
+        let better = match best {
+            None => true,
+            Some((bf, bid)) => free > bf || (free == bf && c.node_id.as_str() < bid),
+        };
+        if better {
+            best = Some((free, &c.node_id));
+        }
+    }
+    Ok(best.map(|(_, id)| id.to_owned()))
+}
