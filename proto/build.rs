@@ -26,6 +26,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".svcbroker.v1.FileSpec",
             ".svcbroker.v1.ProcessSpec",
             ".svcbroker.v1.BindRequest",
+            ".svcbroker.v1.CommandHook",
+            ".svcbroker.v1.HttpHook",
         ])
         .build_client(true)
         .build_server(true)

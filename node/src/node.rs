@@ -103,6 +103,10 @@ impl Node {
             grpc_url: self.grpc_url.clone(),
             advertise_host: self.config.advertise_host.clone(),
             data_dir: self.config.data_dir.to_string_lossy().into_owned(),
+            // Instances serve this host only until the node is told otherwise
+            // (containers set a wider address in a later change).
+            bind_host: "127.0.0.1".into(),
+            attributes: Default::default(),
         }
     }
 

@@ -341,6 +341,7 @@ mod tests {
                 argv: vec!["redis-server".into(), arg.into()],
                 ..Default::default()
             }),
+            ..Default::default()
         }
     }
 

@@ -55,6 +55,7 @@ async fn sixty_four_concurrent_provisions() {
         set.spawn(async move {
             c.deprovision(DeprovisionRequest {
                 instance_id: format!("c{i:02}"),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -105,6 +106,7 @@ async fn same_id_concurrently_spawns_once() {
             if k % 2 == 0 {
                 c.deprovision(DeprovisionRequest {
                     instance_id: "same".into(),
+                    ..Default::default()
                 })
                 .await
                 .map(|_| ())
@@ -125,6 +127,7 @@ async fn same_id_concurrently_spawns_once() {
         .clone()
         .deprovision(DeprovisionRequest {
             instance_id: "same".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

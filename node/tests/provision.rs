@@ -79,6 +79,7 @@ async fn redis_lifecycle_idempotent_and_clean() {
         binding_id: "b1".into(),
         username: "u".into(),
         password: "p".into(),
+        ..Default::default()
     };
     c.bind(bind("r1")).await.unwrap();
     assert_eq!(
@@ -89,6 +90,7 @@ async fn redis_lifecycle_idempotent_and_clean() {
         instance_id: "nope".into(),
         binding_id: "b".into(),
         username: "u".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -101,6 +103,7 @@ async fn redis_lifecycle_idempotent_and_clean() {
     let d = c
         .deprovision(DeprovisionRequest {
             instance_id: "r1".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -112,6 +115,7 @@ async fn redis_lifecycle_idempotent_and_clean() {
     let d = c
         .deprovision(DeprovisionRequest {
             instance_id: "r1".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -132,6 +136,7 @@ async fn kind_none_is_recorded_only() {
         kind: "none".into(),
         port: 0,
         process: None,
+        ..Default::default()
     };
     let r = c.provision(req.clone()).await.unwrap().into_inner();
     assert!(r.created);
@@ -153,6 +158,7 @@ async fn kind_none_is_recorded_only() {
     let d = c
         .deprovision(DeprovisionRequest {
             instance_id: "e1".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -254,6 +260,7 @@ async fn deprovision_stops_the_whole_group() {
     let d = c
         .deprovision(DeprovisionRequest {
             instance_id: "grp".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -287,6 +294,7 @@ async fn invalid_requests_create_nothing() {
         let err = c
             .deprovision(DeprovisionRequest {
                 instance_id: id.into(),
+                ..Default::default()
             })
             .await
             .unwrap_err();

@@ -76,6 +76,7 @@ async fn crash_looping_daemon_ends_failed() {
     assert!(r.created);
     c.deprovision(DeprovisionRequest {
         instance_id: "loop".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -169,6 +170,7 @@ async fn restarted_node_readopts_running_daemons() {
     let d = c
         .deprovision(DeprovisionRequest {
             instance_id: "keep2".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -179,6 +181,7 @@ async fn restarted_node_readopts_running_daemons() {
     // keep_instances_on_shutdown is on: clean up explicitly.
     c.deprovision(DeprovisionRequest {
         instance_id: "keep1".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -228,6 +231,7 @@ async fn dead_daemon_after_node_restart_is_reprovisioned_in_place() {
     assert_eq!(got, ["+OK", "survives"], "data directory reused, not wiped");
     c.deprovision(DeprovisionRequest {
         instance_id: "dd".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -263,6 +267,7 @@ async fn deprovision_of_unknown_instance_uses_the_directory() {
     let d = c
         .deprovision(DeprovisionRequest {
             instance_id: "gone".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::v1::{BindRequest, Credential, FileSpec, ProcessSpec};
+use crate::v1::{BindRequest, CommandHook, Credential, FileSpec, HttpHook, ProcessSpec};
 
 const REDACTED: &str = "<redacted>";
 
@@ -48,6 +48,46 @@ impl fmt::Debug for BindRequest {
             .field("binding_id", &self.binding_id)
             .field("username", &self.username)
             .field("password", &REDACTED)
+            .field("hooks", &self.hooks)
+            .field("kind", &self.kind)
+            .field("database", &self.database)
+            .finish()
+    }
+}
+
+impl fmt::Debug for CommandHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let env: Vec<&String> = self.env.keys().collect();
+        f.debug_struct("CommandHook")
+            .field("argv", &self.argv)
+            .field("env", &env)
+            .field("stdin", &format_args!("<{} bytes>", self.stdin.len()))
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
+}
+
+impl fmt::Debug for HttpHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Header values (Authorization) and bodies may hold secrets; a URL
+        // may too (user:password@), so only its scheme and host are shown.
+        let headers: Vec<&String> = self.headers.keys().collect();
+        let shown = self
+            .url
+            .split_once("://")
+            .map(|(scheme, rest)| {
+                let host = rest.split('/').next().unwrap_or("");
+                let host = host.rsplit('@').next().unwrap_or(host);
+                format!("{scheme}://{host}/…")
+            })
+            .unwrap_or_else(|| "<url>".into());
+        f.debug_struct("HttpHook")
+            .field("method", &self.method)
+            .field("url", &shown)
+            .field("headers", &headers)
+            .field("body", &format_args!("<{} bytes>", self.body.len()))
+            .field("timeout_ms", &self.timeout_ms)
+            .field("accept_status", &self.accept_status)
             .finish()
     }
 }
@@ -76,7 +116,26 @@ mod tests {
             password: "hunter2".into(),
             ..Default::default()
         };
-        for text in [format!("{c:?}"), format!("{p:?}"), format!("{b:?}")] {
+        let h = CommandHook {
+            argv: vec!["redis-cli".into()],
+            env: [("REDISCLI_AUTH".to_string(), "hunter2".to_string())].into(),
+            stdin: "ACL SETUSER u on >hunter2".into(),
+            timeout_ms: 0,
+        };
+        let w = HttpHook {
+            url: "http://admin:hunter2@search:9200/idx?token=hunter2".into(),
+            headers: [("authorization".to_string(), "Basic hunter2".to_string())].into(),
+            body: "{\"password\":\"hunter2\"}".into(),
+            ..Default::default()
+        };
+        let texts = [
+            format!("{c:?}"),
+            format!("{p:?}"),
+            format!("{b:?}"),
+            format!("{h:?}"),
+            format!("{w:?}"),
+        ];
+        for text in texts {
             assert!(!text.contains("hunter2"), "{text}");
         }
         assert!(format!("{p:?}").contains("redis.conf"));

@@ -226,6 +226,7 @@ pub fn redis_request(id: &str, port: u32, password: &str) -> ProvisionRequest {
             }],
             ready_timeout_ms: 0,
         }),
+        ..Default::default()
     }
 }
 
@@ -243,6 +244,7 @@ pub fn python_request(id: &str, port: u32, code: &str, args: &[&str]) -> Provisi
             argv,
             ..Default::default()
         }),
+        ..Default::default()
     }
 }
 
