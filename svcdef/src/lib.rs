@@ -30,7 +30,13 @@ pub const INSTANCE_VARS: &[&str] = &[
     "dir",
     "username",
     "password",
+    "bind_host",
+    "database",
 ];
+
+/// Prefix of variables a node supplies about itself (`NodeInfo.attributes`),
+/// e.g. `{{node.postgresql_host}}`; which keys exist is known only at run time.
+pub const NODE_VAR_PREFIX: &str = "node.";
 
 /// Built-in variables that only binding credential templates may use.
 pub const BINDING_VARS: &[&str] = &["binding_id", "binding.username", "binding.password"];
@@ -68,6 +74,11 @@ pub enum Model {
     None,
     /// One supervised daemon per instance on an allocated port.
     Process,
+    /// One database per instance, one role per binding, on a server the
+    /// node manages.
+    Database,
+    /// One directory per instance with a size cap, bound as a volume mount.
+    Directory,
 }
 
 impl Model {
@@ -76,6 +87,8 @@ impl Model {
         match self {
             Model::None => "none",
             Model::Process => "process",
+            Model::Database => "database",
+            Model::Directory => "directory",
         }
     }
 }
@@ -110,10 +123,164 @@ struct ServiceFile {
     #[serde(default)]
     process: Option<ProcessFile>,
     #[serde(default)]
+    database: Option<DatabaseFile>,
+    #[serde(default)]
+    directory: Option<DirectoryFile>,
+    #[serde(default)]
+    volume_mount: Option<VolumeMountFile>,
+    #[serde(default)]
+    hooks: HooksFile,
+    #[serde(default)]
     requires_executables: Vec<String>,
     #[serde(default)]
     credentials: BTreeMap<String, String>,
     plans: Vec<PlanFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DatabaseFile {
+    engine: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DirectoryFile {
+    /// A number or a template such as "{{size_mb}}".
+    size_limit_mb: serde_yaml::Value,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolumeMountFile {
+    driver: String,
+    container_dir: String,
+    #[serde(default = "rw")]
+    mode: String,
+}
+
+fn rw() -> String {
+    "rw".into()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HooksFile {
+    #[serde(default)]
+    provision: Vec<HookFile>,
+    #[serde(default)]
+    deprovision: Vec<HookFile>,
+    #[serde(default)]
+    bind: Vec<HookFile>,
+    #[serde(default)]
+    unbind: Vec<HookFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HookFile {
+    #[serde(default)]
+    command: Option<CommandFile>,
+    #[serde(default)]
+    http: Option<HttpFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommandFile {
+    argv: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    stdin: String,
+    #[serde(default)]
+    timeout_ms: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpFile {
+    method: String,
+    url: String,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    body: String,
+    #[serde(default)]
+    timeout_ms: Option<u32>,
+    #[serde(default)]
+    accept_status: Vec<u16>,
+}
+
+/// When a hook runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookEvent {
+    Provision,
+    Deprovision,
+    Bind,
+    Unbind,
+}
+
+/// A parsed hook.
+#[derive(Debug, Clone)]
+pub enum HookTemplate {
+    Command {
+        argv: Vec<Template>,
+        env: BTreeMap<String, Template>,
+        stdin: Template,
+        timeout_ms: u32,
+    },
+    Http {
+        method: String,
+        url: Template,
+        headers: BTreeMap<String, Template>,
+        body: Template,
+        timeout_ms: u32,
+        accept_status: Vec<u16>,
+    },
+}
+
+/// A rendered hook, ready to send to a node. It may hold secrets (env,
+/// stdin, headers, body, URL), so its `Debug` shows none of them.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RenderedHook {
+    Command {
+        argv: Vec<String>,
+        env: BTreeMap<String, String>,
+        stdin: String,
+        timeout_ms: u32,
+    },
+    Http {
+        method: String,
+        url: String,
+        headers: BTreeMap<String, String>,
+        body: String,
+        timeout_ms: u32,
+        accept_status: Vec<u16>,
+    },
+}
+
+impl std::fmt::Debug for RenderedHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RenderedHook::Command { argv, .. } => f
+                .debug_struct("Command")
+                .field("program", &argv.first())
+                .finish_non_exhaustive(),
+            RenderedHook::Http { method, .. } => f
+                .debug_struct("Http")
+                .field("method", method)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+/// The volume mount a directory binding returns (OSB `volume_mounts`).
+#[derive(Debug, Clone)]
+pub struct VolumeMountTemplate {
+    pub driver: String,
+    pub container_dir: Template,
+    pub mode: String,
 }
 
 fn yes() -> bool {
@@ -375,6 +542,15 @@ pub struct ServiceDef {
     pub async_required: bool,
     pub model: Model,
     pub process: Option<ProcessTemplate>,
+    /// Engine of a `database` service ("postgresql").
+    pub database_engine: Option<String>,
+    /// Size cap of a `directory` instance, in MiB (number or template).
+    pub directory_limit_mb: Option<Template>,
+    /// Returned by `volume_mount` bindings.
+    pub volume_mount: Option<VolumeMountTemplate>,
+    /// Whether the service declares `requires: [volume_mount]`.
+    pub requires_volume_mount: bool,
+    hooks: Vec<(HookEvent, HookTemplate)>,
     pub credentials: BTreeMap<String, Template>,
     pub plans: Vec<PlanDef>,
     /// The file it was loaded from.
@@ -427,6 +603,109 @@ impl ServiceDef {
                 .collect::<Result<_, _>>()?,
             ready_timeout_ms: p.ready_timeout_ms,
         }))
+    }
+
+    /// Returns the database engine of a `database` service.
+    pub fn database_engine(&self) -> Option<&str> {
+        self.database_engine.as_deref()
+    }
+
+    /// Returns whether any hook runs on `event`.
+    pub fn has_hooks(&self, event: HookEvent) -> bool {
+        self.hooks.iter().any(|(e, _)| *e == event)
+    }
+
+    /// Renders the hooks of `event`, in file order.
+    pub fn render_hooks(
+        &self,
+        event: HookEvent,
+        vars: &Vars,
+    ) -> Result<Vec<RenderedHook>, RenderError> {
+        let map =
+            |m: &BTreeMap<String, Template>| -> Result<BTreeMap<String, String>, RenderError> {
+                m.iter()
+                    .map(|(k, t)| Ok((k.clone(), t.render(vars)?)))
+                    .collect()
+            };
+        self.hooks
+            .iter()
+            .filter(|(e, _)| *e == event)
+            .map(|(_, h)| {
+                Ok(match h {
+                    HookTemplate::Command {
+                        argv,
+                        env,
+                        stdin,
+                        timeout_ms,
+                    } => RenderedHook::Command {
+                        argv: argv
+                            .iter()
+                            .map(|t| t.render(vars))
+                            .collect::<Result<_, _>>()?,
+                        env: map(env)?,
+                        stdin: stdin.render(vars)?,
+                        timeout_ms: *timeout_ms,
+                    },
+                    HookTemplate::Http {
+                        method,
+                        url,
+                        headers,
+                        body,
+                        timeout_ms,
+                        accept_status,
+                    } => RenderedHook::Http {
+                        method: method.clone(),
+                        url: Some(url.render(vars)?)
+                            .filter(|u| is_http_url(u))
+                            .ok_or_else(|| {
+                                RenderError::Invalid(
+                                    "hook url must start with http:// or https://".into(),
+                                )
+                            })?,
+                        headers: map(headers)?,
+                        body: body.render(vars)?,
+                        timeout_ms: *timeout_ms,
+                        accept_status: accept_status.clone(),
+                    },
+                })
+            })
+            .collect()
+    }
+
+    /// Renders the size cap of a `directory` instance, in bytes.
+    pub fn render_directory_limit(&self, vars: &Vars) -> Result<Option<u64>, RenderError> {
+        let Some(t) = &self.directory_limit_mb else {
+            return Ok(None);
+        };
+        let text = t.render(vars)?;
+        let mb: u64 = text
+            .trim()
+            .parse()
+            .map_err(|_| RenderError::NotScalar("size_limit_mb".into()))?;
+        Ok(Some(mb.saturating_mul(1024 * 1024)))
+    }
+
+    /// Renders the OSB `volume_mounts` entry of a binding, with `path` the
+    /// instance directory on the node.
+    pub fn render_volume_mount(
+        &self,
+        vars: &Vars,
+        volume_id: &str,
+        path: &str,
+    ) -> Result<Option<Value>, RenderError> {
+        let Some(v) = &self.volume_mount else {
+            return Ok(None);
+        };
+        Ok(Some(json!({
+            "driver": v.driver,
+            "container_dir": v.container_dir.render(vars)?,
+            "mode": v.mode,
+            "device_type": "shared",
+            "device": {
+                "volume_id": volume_id,
+                "mount_config": { "source": path },
+            },
+        })))
     }
 
     /// Renders a binding's credentials object.
@@ -574,6 +853,10 @@ fn issue_at(file: &Path, text: &str, needle: &str, message: String) -> Issue {
     }
 }
 
+fn is_http_url(url: &str) -> bool {
+    url.starts_with("http://") || url.starts_with("https://")
+}
+
 /// OSB: names are CLI-friendly, "alphanumeric characters, periods, and hyphens".
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -679,7 +962,11 @@ fn parse_service(file: &Path, text: &str) -> Result<ServiceDef, Vec<Issue>> {
         .fold(plan_vars.first().cloned().unwrap_or_default(), |acc, s| {
             acc.intersection(s).copied().collect()
         });
-    let instance_ok = |v: &str| INSTANCE_VARS.contains(&v) || common_vars.contains(v);
+    let instance_ok = |v: &str| {
+        INSTANCE_VARS.contains(&v)
+            || common_vars.contains(v)
+            || v.strip_prefix(NODE_VAR_PREFIX).is_some_and(valid_var_name)
+    };
     let binding_ok = |v: &str| instance_ok(v) || BINDING_VARS.contains(&v);
 
     let mut local = Vec::new();
@@ -693,7 +980,7 @@ fn parse_service(file: &Path, text: &str) -> Result<ServiceDef, Vec<Issue>> {
             ));
             None
         }
-        (Model::None, Some(_)) => {
+        (Model::None | Model::Database | Model::Directory, Some(_)) => {
             local.push(issue_at(
                 file,
                 text,
@@ -702,7 +989,7 @@ fn parse_service(file: &Path, text: &str) -> Result<ServiceDef, Vec<Issue>> {
             ));
             None
         }
-        (Model::None, None) => None,
+        (_, None) => None,
         (Model::Process, Some(p)) => {
             if p.command.is_empty() {
                 local.push(issue_at(
@@ -753,6 +1040,207 @@ fn parse_service(file: &Path, text: &str) -> Result<ServiceDef, Vec<Issue>> {
             })
         }
     };
+    let database_engine = match (raw.model, &raw.database) {
+        (Model::Database, Some(d)) if d.engine == "postgresql" => Some(d.engine.clone()),
+        (Model::Database, Some(d)) => {
+            local.push(issue_at(
+                file,
+                text,
+                "engine:",
+                format!("unknown database engine '{}' (postgresql)", d.engine),
+            ));
+            None
+        }
+        (Model::Database, None) => {
+            local.push(issue_at(
+                file,
+                text,
+                "model:",
+                "model 'database' needs a 'database' section".into(),
+            ));
+            None
+        }
+        (_, Some(_)) => {
+            local.push(issue_at(
+                file,
+                text,
+                "database:",
+                "a 'database' section needs model 'database'".into(),
+            ));
+            None
+        }
+        (_, None) => None,
+    };
+    let directory_limit_mb = match (raw.model, &raw.directory) {
+        (Model::Directory, Some(d)) => {
+            let source = match &d.size_limit_mb {
+                serde_yaml::Value::Number(n) if n.as_u64().is_some() => Some(n.to_string()),
+                serde_yaml::Value::String(s) => Some(s.clone()),
+                _ => None,
+            };
+            match source {
+                Some(src) => parse(&src, &instance_ok, &mut local),
+                None => {
+                    local.push(issue_at(
+                        file,
+                        text,
+                        "size_limit_mb:",
+                        "size_limit_mb must be a whole number or a template".into(),
+                    ));
+                    None
+                }
+            }
+        }
+        (Model::Directory, None) => {
+            local.push(issue_at(
+                file,
+                text,
+                "model:",
+                "model 'directory' needs a 'directory' section".into(),
+            ));
+            None
+        }
+        (_, Some(_)) => {
+            local.push(issue_at(
+                file,
+                text,
+                "directory:",
+                "a 'directory' section needs model 'directory'".into(),
+            ));
+            None
+        }
+        (_, None) => None,
+    };
+    let requires_volume_mount = raw.requires.iter().any(|r| r == "volume_mount");
+    let volume_mount = match &raw.volume_mount {
+        Some(v) => {
+            if !matches!(v.mode.as_str(), "r" | "rw") {
+                local.push(issue_at(
+                    file,
+                    text,
+                    "mode:",
+                    format!("volume_mount mode '{}' must be 'r' or 'rw'", v.mode),
+                ));
+            }
+            if !requires_volume_mount {
+                local.push(issue_at(
+                    file,
+                    text,
+                    "volume_mount:",
+                    "a 'volume_mount' section needs 'requires: [volume_mount]'".into(),
+                ));
+            }
+            parse(&v.container_dir, &instance_ok, &mut local).map(|container_dir| {
+                VolumeMountTemplate {
+                    driver: v.driver.clone(),
+                    container_dir,
+                    mode: v.mode.clone(),
+                }
+            })
+        }
+        None => {
+            if requires_volume_mount {
+                local.push(issue_at(
+                    file,
+                    text,
+                    "requires:",
+                    "'requires: [volume_mount]' needs a 'volume_mount' section".into(),
+                ));
+            }
+            None
+        }
+    };
+    let mut hooks = Vec::new();
+    let mut hook_programs = Vec::new();
+    for (event, list) in [
+        (HookEvent::Provision, &raw.hooks.provision),
+        (HookEvent::Deprovision, &raw.hooks.deprovision),
+        (HookEvent::Bind, &raw.hooks.bind),
+        (HookEvent::Unbind, &raw.hooks.unbind),
+    ] {
+        let scope: &dyn Fn(&str) -> bool = match event {
+            HookEvent::Bind | HookEvent::Unbind => &binding_ok,
+            _ => &instance_ok,
+        };
+        for h in list {
+            let parsed = match (&h.command, &h.http) {
+                (Some(c), None) => {
+                    if c.argv.is_empty() {
+                        local.push(issue_at(file, text, "argv:", "hook argv is empty".into()));
+                    }
+                    if let Some(program) = c.argv.first().filter(|a| !a.contains("{{")) {
+                        hook_programs.push(program.clone());
+                    }
+                    let argv: Vec<Template> = c
+                        .argv
+                        .iter()
+                        .filter_map(|a| parse(a, scope, &mut local))
+                        .collect();
+                    let env: BTreeMap<String, Template> = c
+                        .env
+                        .iter()
+                        .filter_map(|(k, v)| parse(v, scope, &mut local).map(|t| (k.clone(), t)))
+                        .collect();
+                    parse(&c.stdin, scope, &mut local).map(|stdin| HookTemplate::Command {
+                        argv,
+                        env,
+                        stdin,
+                        timeout_ms: c.timeout_ms.unwrap_or(30_000),
+                    })
+                }
+                (None, Some(h)) => {
+                    let method = h.method.to_ascii_uppercase();
+                    if !matches!(
+                        method.as_str(),
+                        "GET" | "PUT" | "POST" | "DELETE" | "PATCH" | "HEAD"
+                    ) {
+                        local.push(issue_at(
+                            file,
+                            text,
+                            &h.method,
+                            format!("unknown HTTP method '{}'", h.method),
+                        ));
+                    }
+                    // A URL starting with a variable is checked when rendered.
+                    if !(h.url.starts_with("{{") || is_http_url(&h.url)) {
+                        local.push(issue_at(
+                            file,
+                            text,
+                            &h.url,
+                            "hook url must start with http:// or https://".into(),
+                        ));
+                    }
+                    let headers: BTreeMap<String, Template> = h
+                        .headers
+                        .iter()
+                        .filter_map(|(k, v)| parse(v, scope, &mut local).map(|t| (k.clone(), t)))
+                        .collect();
+                    let url = parse(&h.url, scope, &mut local);
+                    let body = parse(&h.body, scope, &mut local);
+                    url.zip(body).map(|(url, body)| HookTemplate::Http {
+                        method,
+                        url,
+                        headers,
+                        body,
+                        timeout_ms: h.timeout_ms.unwrap_or(30_000),
+                        accept_status: h.accept_status.clone(),
+                    })
+                }
+                _ => {
+                    local.push(issue_at(
+                        file,
+                        text,
+                        "hooks:",
+                        "each hook needs exactly one of 'command' or 'http'".into(),
+                    ));
+                    None
+                }
+            };
+            if let Some(p) = parsed {
+                hooks.push((event, p));
+            }
+        }
+    }
     let credentials = raw
         .credentials
         .iter()
@@ -849,13 +1337,17 @@ fn parse_service(file: &Path, text: &str) -> Result<ServiceDef, Vec<Issue>> {
     let requires_executables = if !raw.requires_executables.is_empty() {
         raw.requires_executables.clone()
     } else {
-        raw.process
+        let mut programs: Vec<String> = raw
+            .process
             .as_ref()
             .and_then(|p| p.command.first())
             .filter(|c| !c.contains("{{"))
             .cloned()
             .into_iter()
-            .collect()
+            .chain(hook_programs)
+            .collect();
+        programs.dedup();
+        programs
     };
     if !issues.is_empty() {
         return Err(issues);
@@ -875,6 +1367,11 @@ fn parse_service(file: &Path, text: &str) -> Result<ServiceDef, Vec<Issue>> {
         async_required: raw.async_required,
         model: raw.model,
         process,
+        database_engine,
+        directory_limit_mb,
+        volume_mount,
+        requires_volume_mount,
+        hooks,
         credentials,
         plans,
         source: file.to_path_buf(),

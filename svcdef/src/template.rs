@@ -41,6 +41,9 @@ pub enum RenderError {
     // refused outright.
     #[error("value of '{0}' contains control characters")]
     ControlChars(String),
+    /// The rendered text is not valid where it is used.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl Template {

@@ -187,3 +187,160 @@ fn load_dir_reports_file_and_skips_other_extensions() {
     assert!(e.issues[0].file.ends_with("b.yml"), "{e}");
     assert!(e.issues[0].line.is_some(), "{e}");
 }
+
+const HOOKED: &str = "\
+id: es-shared
+name: search
+description: one index per instance on a shared cluster
+model: none
+hooks:
+  provision:
+    - http:
+        method: put
+        url: \"{{cluster}}/{{instance_id}}\"
+        headers:
+          authorization: \"Basic {{token}}\"
+        body: '{\"settings\": {}}'
+        accept_status: [400]
+  bind:
+    - command:
+        argv: [redis-cli, -p, \"{{port}}\"]
+        env:
+          REDISCLI_AUTH: \"{{password}}\"
+        stdin: \"ACL SETUSER {{binding.username}} on >{{binding.password}}\"
+credentials:
+  index: \"{{instance_id}}\"
+plans:
+  - id: es-shared-plan
+    name: shared
+    description: d
+    variables:
+      cluster: http://127.0.0.1:9200
+      token: abc
+";
+
+#[test]
+fn hooks_parse_render_and_hide_secrets() {
+    let c = one(HOOKED).unwrap();
+    let s = &c.services()[0];
+    assert!(s.has_hooks(HookEvent::Provision) && !s.has_hooks(HookEvent::Unbind));
+    assert_eq!(s.executables(), ["redis-cli"]);
+    let mut vars = Vars::new();
+    for (k, v) in s.plans[0].vars_with(&json!({})) {
+        vars.set(&k, v);
+    }
+    vars.set("instance_id", "i1")
+        .set("port", 7000)
+        .set("password", "adminpw")
+        .set("binding.username", "u1")
+        .set("binding.password", "bindpw");
+    let hooks = s.render_hooks(HookEvent::Provision, &vars).unwrap();
+    let RenderedHook::Http {
+        method,
+        url,
+        headers,
+        accept_status,
+        ..
+    } = &hooks[0]
+    else {
+        panic!("http hook expected")
+    };
+    assert_eq!(method, "PUT");
+    assert_eq!(url, "http://127.0.0.1:9200/i1");
+    assert_eq!(headers["authorization"], "Basic abc");
+    assert_eq!(accept_status, &[400]);
+    let bind = s.render_hooks(HookEvent::Bind, &vars).unwrap();
+    let RenderedHook::Command { stdin, env, .. } = &bind[0] else {
+        panic!("command hook expected")
+    };
+    assert_eq!(stdin, "ACL SETUSER u1 on >bindpw");
+    assert_eq!(env["REDISCLI_AUTH"], "adminpw");
+    let shown = format!("{bind:?}{hooks:?}");
+    assert!(
+        !shown.contains("bindpw") && !shown.contains("abc"),
+        "{shown}"
+    );
+    // A value with a newline could add a second command to stdin.
+    vars.set("binding.password", "x\nFLUSHALL");
+    assert!(s.render_hooks(HookEvent::Bind, &vars).is_err());
+}
+
+#[test]
+fn binding_variables_are_refused_in_provision_hooks() {
+    let text = HOOKED.replace(
+        "{{cluster}}/{{instance_id}}",
+        "{{cluster}}/{{binding.username}}",
+    );
+    let e = one(&text).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("unknown template variable 'binding.username'"),
+        "{e}"
+    );
+    let text = HOOKED.replace(
+        "    - http:\n        method: put",
+        "    - http:\n        method: fetch",
+    );
+    assert!(
+        one(&text)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown HTTP method")
+    );
+}
+
+#[test]
+fn database_and_directory_models() {
+    let db = MINIMAL
+        .replace(
+            "model: none",
+            "model: database\ndatabase:\n  engine: postgresql",
+        )
+        .replace("{{name}}", "{{node.postgresql_host}}/{{database}}");
+    let c = one(&db).unwrap();
+    assert_eq!(c.services()[0].database_engine(), Some("postgresql"));
+    let bad = MINIMAL.replace("model: none", "model: database\ndatabase:\n  engine: mysql");
+    assert!(
+        one(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown database engine 'mysql'")
+    );
+    let bad = MINIMAL.replace("model: none", "model: database");
+    assert!(
+        one(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("needs a 'database' section")
+    );
+
+    let dir = MINIMAL
+        .replace(
+            "model: none",
+            "model: directory\nrequires: [volume_mount]\ndirectory:\n  size_limit_mb: \"{{size_mb}}\"\nvolume_mount:\n  driver: local\n  container_dir: /data/{{name}}",
+        )
+        + "    variables:\n      size_mb: 5\n";
+    let c = one(&dir).unwrap();
+    let s = &c.services()[0];
+    assert!(s.requires_volume_mount);
+    let mut vars = Vars::new();
+    vars.set("size_mb", 5).set("name", "i1");
+    assert_eq!(
+        s.render_directory_limit(&vars).unwrap(),
+        Some(5 * 1024 * 1024)
+    );
+    let vm = s
+        .render_volume_mount(&vars, "i1", "/srv/i1")
+        .unwrap()
+        .unwrap();
+    assert_eq!(vm["container_dir"], "/data/i1");
+    assert_eq!(vm["device"]["mount_config"]["source"], "/srv/i1");
+    assert_eq!(s.catalog_entry()["requires"], json!(["volume_mount"]));
+    let missing = dir.replace("requires: [volume_mount]\n", "");
+    assert!(
+        one(&missing)
+            .unwrap_err()
+            .to_string()
+            .contains("needs 'requires: [volume_mount]'")
+    );
+}
