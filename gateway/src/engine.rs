@@ -375,7 +375,9 @@ impl Engine {
                 })
                 .await?
             }
-            Model::None => 0,
+            // Only daemons listen on a leased port; other models (none, and
+            // those the node may learn later) get 0.
+            _ => 0,
         };
         let dir = format!("{}/{}", node.info.data_dir.trim_end_matches('/'), inst.id);
         let host = node.info.advertise_host.clone();
