@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::*;
 use reqwest::Method;
 use serde_json::json;
+use svcbroker_gateway::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -42,6 +43,17 @@ async fn start_node(
     ports: (u16, u16),
 ) -> Side {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_node_on(dir, Some(gateway_grpc), ports, l).await
+}
+
+/// Starts a node on `l`; it announces itself only when `gateway_grpc` is
+/// given (otherwise the gateway must poll it).
+async fn start_node_on(
+    dir: &std::path::Path,
+    gateway_grpc: Option<std::net::SocketAddr>,
+    ports: (u16, u16),
+    l: TcpListener,
+) -> Side {
     let config = svcbroker_node::Config {
         node_id: "node-1".into(),
         data_dir: dir.join("node-data"),
@@ -52,7 +64,7 @@ async fn start_node(
             end: ports.1,
         },
         advertise_host: "127.0.0.1".into(),
-        gateway_url: Some(format!("http://{gateway_grpc}")),
+        gateway_url: gateway_grpc.map(|g| format!("http://{g}")),
         announce_interval_ms: 300,
         ..Default::default()
     };
@@ -322,6 +334,128 @@ async fn echo_sync_lifecycle_and_update() {
     let (status, _) = gw.call(Method::GET, "/v2/service_instances/e1", None).await;
     assert_eq!(status, 404);
 
+    gw.stop().await.unwrap();
+    stop(node).await;
+    stop(allocator).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operations_resume_after_restart_and_restarted_nodes_get_instances_back() {
+    if !have_redis_server() {
+        eprintln!("redis-server not found on PATH: skipping");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = 24_000 + (std::process::id() % 2000) as u16 * 10;
+    // A node the gateway polls (static `nodes`), announcing nothing itself.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node_addr = l.local_addr().unwrap();
+    let node = start_node_on(dir.path(), None, (base, base + 9), l).await;
+    let node_url = format!("http://{node_addr}");
+
+    // First gateway: the allocator is down, so the provision waits.
+    let gw = Gateway::start(Config {
+        nodes: vec![node_url.clone()],
+        ..config(dir.path(), "http://127.0.0.1:1")
+    })
+    .await;
+    gw.wait_live_nodes(1, Duration::from_secs(10)).await;
+    let (status, body) = gw
+        .call(
+            Method::PUT,
+            "/v2/service_instances/r2?accepts_incomplete=true",
+            Some(json!({"service_id": REDIS_SERVICE, "plan_id": REDIS_SMALL})),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let op = body["operation"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, last) = gw
+        .call(Method::GET, "/v2/service_instances/r2/last_operation", None)
+        .await;
+    assert_eq!(last["state"], "in progress", "{last}");
+    gw.stop().await.unwrap();
+
+    // Second gateway on the same database, allocator up: it resumes.
+    let (alloc_url, allocator) = start_allocator(dir.path()).await;
+    let gw = Gateway::start(Config {
+        nodes: vec![node_url.clone()],
+        ..config(dir.path(), &alloc_url)
+    })
+    .await;
+    let (status, last) = gw
+        .poll(
+            &format!("/v2/service_instances/r2/last_operation?operation={op}"),
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(
+        (status, last["state"].as_str()),
+        (200, Some("succeeded")),
+        "{last}"
+    );
+    let (status, bound) = gw
+        .call(
+            Method::PUT,
+            "/v2/service_instances/r2/service_bindings/b2",
+            Some(json!({"service_id": REDIS_SERVICE, "plan_id": REDIS_SMALL})),
+        )
+        .await;
+    assert_eq!(status, 201, "{bound}");
+    let port = bound["credentials"]["port"].as_u64().unwrap() as u16;
+    let password = bound["credentials"]["password"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = redis(port, &format!("AUTH {password}\r\nSET k kept\r\n")).await;
+    assert!(out.starts_with("+OK\r\n+OK\r\n"), "{out:?}");
+
+    // The node restarts (its daemons stop with it) on the same address:
+    // the gateway sees a new boot id and provisions redis again, same port,
+    // same password, same data.
+    stop(node).await;
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+    );
+    let l = TcpListener::bind(node_addr).await.unwrap();
+    let node = start_node_on(dir.path(), None, (base, base + 9), l).await;
+    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            let out = redis(port, &format!("AUTH {password}\r\nGET k\r\n")).await;
+            if out.starts_with("+OK\r\n$4\r\nkept\r\n") {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "redis not restored on port {port}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let q = format!("service_id={REDIS_SERVICE}&plan_id={REDIS_SMALL}");
+    let (status, _) = gw
+        .call(
+            Method::DELETE,
+            &format!("/v2/service_instances/r2/service_bindings/b2?{q}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = gw
+        .call(
+            Method::DELETE,
+            &format!("/v2/service_instances/r2?{q}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
     gw.stop().await.unwrap();
     stop(node).await;
     stop(allocator).await;
