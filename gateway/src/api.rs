@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Map, Value, json};
-use svcbroker_svcdef::{PlanDef, SchemaKind, ServiceDef};
+use svcbroker_svcdef::{PlanDef, SchemaKind, ServiceDef, Template, Vars};
 use tracing::Instrument;
 
 use crate::config::Config;
@@ -128,6 +128,18 @@ async fn osb_guard(State(state): State<AppState>, req: Request, next: Next) -> R
         .map(|v| v.to_str().unwrap_or("?"));
     if let Err(e) = check_api_version(version) {
         return e.into_response();
+    }
+    // A body announced too large is refused before any of it is read, so a
+    // client cannot hold a handler by announcing a gigabyte and sending
+    // nothing. (Chunked bodies are cut by the extractor's limit instead.)
+    let limit = state.config.max_body_bytes;
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        return Error::PayloadTooLarge { limit }.into_response();
     }
     next.run(req).await
 }
@@ -298,6 +310,24 @@ fn validate_params(plan: &PlanDef, kind: SchemaKind, params: &Value) -> Result<(
         .map_err(|e| Error::BadRequest(e.message))
 }
 
+/// Checks every template value `params` sets (parameters reach templates
+/// only through the plan's variables) the way rendering will, so that a value
+/// no template can take (control characters, an object where a scalar is
+/// needed) is a 400 now, not an instance that fails to start or can never
+/// be bound.
+fn check_template_values(plan: &PlanDef, params: &Value) -> Result<(), Error> {
+    let mut vars = Vars::new();
+    for (name, value) in plan.vars_with(params) {
+        vars.set(&name, value);
+        let probe = Template::parse(&format!("{{{{{name}}}}}"))
+            .map_err(|e| Error::Internal(format!("plan variable {name}: {e}")))?;
+        probe
+            .render(&vars)
+            .map_err(|e| Error::BadRequest(format!("parameters /{name}: {e}")))?;
+    }
+    Ok(())
+}
+
 fn deadline_ms(state: &AppState, plan: &PlanDef) -> i64 {
     let secs = plan
         .maximum_polling_duration
@@ -407,6 +437,7 @@ async fn provision(
     let (svc, plan) = service_and_plan(&state, &service_id, &plan_id)?;
     check_maintenance(plan, requested_mv.as_deref())?;
     validate_params(plan, SchemaKind::InstanceCreate, &parameters)?;
+    check_template_values(plan, &parameters)?;
     async_required(svc, accepts)?;
 
     let new = NewInstance {
@@ -645,6 +676,7 @@ async fn update(
             m.insert(k.clone(), v.clone());
         }
     }
+    check_template_values(target_plan, &merged)?;
     let target_mv = target_plan
         .maintenance_info
         .as_ref()

@@ -279,9 +279,9 @@ impl Engine {
         let mut delay = Duration::from_millis(200);
         let mut noted: Option<String> = None;
         let shutdown = self.shutdown.clone();
-        if noted.is_none() {
-            let _ = self.store.set_step(&op.id, step, None).await;
-        }
+        // The step is informational (for operators); failing to record it
+        // must not fail the operation.
+        let _ = self.store.set_step(&op.id, step, None).await;
         loop {
             if *shutdown.borrow() {
                 return Err(Error::ShuttingDown);
