@@ -220,6 +220,20 @@ async fn malformed_requests_are_400_and_store_nothing() {
         assert!(!text(&v).contains("lots"), "no request values echoed: {v}");
     }
 
+    // Schema-valid, but no template can take a newline (it could smuggle a
+    // directive into a config file): refused up front.
+    let (status, v) = gw
+        .call(
+            Method::PUT,
+            "/v2/service_instances/i1",
+            Some(json!({"service_id": ECHO_SERVICE, "plan_id": ECHO_FREE,
+                "parameters": {"message": "a\nslaveof evil 1"}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(text(&v).contains("/message"), "{v}");
+    assert!(!text(&v).contains("evil"), "{v}");
+
     // Ids that could escape a directory or confuse anything downstream.
     for path in [
         "/v2/service_instances/a%2Fb",
@@ -305,6 +319,26 @@ async fn oversized_body_is_413() {
         .await;
     assert_eq!(status, 413, "{v}");
     assert!(text(&v).contains("1024"), "{v}");
+    // An announced length over the limit is refused before the body comes.
+    use base64::Engine;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASS}"));
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(
+        format!(
+            "PUT /v2/service_instances/i1 HTTP/1.1\r\nhost: x\r\nauthorization: Basic {auth}\r\n\
+             x-broker-api-version: 2.17\r\ncontent-length: 1000000000\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+        .await
+        .expect("answered before the body arrived")
+        .unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 413");
     gw.stop().await.unwrap();
 }
 
