@@ -61,12 +61,64 @@ pub enum Error {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// A lifecycle hook failed. `detail` (a command's stderr tail, an HTTP
+    /// response's first bytes) goes to the caller but never into the log.
+    #[error("{phase} hook {index} of {count} ({what}) {reason}{}", detail_suffix(.detail))]
+    HookFailed {
+        /// "provision", "deprovision", "bind" or "unbind".
+        phase: &'static str,
+        /// 1-based position of the hook.
+        index: usize,
+        /// How many hooks the call had.
+        count: usize,
+        /// Program name, or method and URL without userinfo or query.
+        what: String,
+        /// Exit status, HTTP status, timeout or transport error.
+        reason: String,
+        /// Output that explains the failure.
+        detail: String,
+        /// True when repeating the call may succeed (timeouts, connection
+        /// errors), so that the gateway retries instead of failing.
+        transient: bool,
+    },
+    /// The PostgreSQL server refused or failed an operation.
+    #[error("postgresql: {message}")]
+    Database {
+        /// What failed; never the statement (it may carry a password).
+        message: String,
+        /// True when the server could not be reached.
+        transient: bool,
+    },
+    /// This node cannot serve the request as configured (e.g. no database
+    /// server configured).
+    #[error("{0}")]
+    Unsupported(String),
+    /// The instance exists but cannot serve the request right now (its
+    /// daemon is restarting).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A system command (mount, mkfs.ext4, ...) failed.
+    #[error("{command} failed: {message}")]
+    System {
+        /// The program and what it was doing.
+        command: String,
+        /// Exit status and stderr of the command (no secrets involved).
+        message: String,
+    },
     /// The node is stopping and takes no new work.
     #[error("node is shutting down")]
     ShuttingDown,
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Serve(#[from] tonic::transport::Error),
+}
+
+fn detail_suffix(detail: &str) -> String {
+    if detail.is_empty() {
+        String::new()
+    } else {
+        format!(": {detail}")
+    }
 }
 
 fn tail_suffix(tail: &str) -> String {
@@ -111,6 +163,14 @@ impl Error {
             } => format!(
                 "instance {instance_id} did not accept connections on port {port} within {timeout_ms} ms"
             ),
+            Error::HookFailed {
+                phase,
+                index,
+                count,
+                what,
+                reason,
+                ..
+            } => format!("{phase} hook {index} of {count} ({what}) {reason}"),
             other => other.to_string(),
         }
     }
@@ -122,9 +182,18 @@ impl From<Error> for tonic::Status {
         match err {
             Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
             Error::CapacityExhausted { .. } => tonic::Status::resource_exhausted(msg),
-            Error::Conflict(_) | Error::StartFailed { .. } => {
+            Error::Conflict(_) | Error::StartFailed { .. } | Error::Unsupported(_) => {
                 tonic::Status::failed_precondition(msg)
             }
+            Error::HookFailed { transient, .. } | Error::Database { transient, .. } => {
+                if transient {
+                    tonic::Status::unavailable(msg)
+                } else {
+                    tonic::Status::failed_precondition(msg)
+                }
+            }
+            Error::Unavailable(_) => tonic::Status::unavailable(msg),
+            Error::System { .. } => tonic::Status::internal(msg),
             Error::ReadyTimeout { .. } => tonic::Status::deadline_exceeded(msg),
             Error::NotFound(_) => tonic::Status::not_found(msg),
             Error::ShuttingDown => tonic::Status::unavailable(msg),

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 use crate::node::Node;
-use crate::spec::{self, Provision};
+use crate::spec::{Binding, Deprovision, Provision};
 
 /// The NodeAgent implementation.
 pub(crate) struct Agent {
@@ -65,10 +65,9 @@ impl NodeAgent for Agent {
         req: Request<DeprovisionRequest>,
     ) -> Result<Response<DeprovisionResponse>, Status> {
         let node = self.node.clone();
-        let id = req.into_inner().instance_id;
-        spec::validate_instance_id(&id)?;
+        let d = Deprovision::from_request(req.into_inner())?;
         let removed = detached(async move {
-            node.deprovision(&id).await.inspect_err(|e| {
+            node.deprovision(d).await.inspect_err(|e| {
                 tracing::warn!(error = %e.summary(), "deprovision failed");
             })
         })
@@ -79,22 +78,30 @@ impl NodeAgent for Agent {
     #[tracing::instrument(skip_all, fields(instance_id = %req.get_ref().instance_id))]
     async fn bind(&self, req: Request<BindRequest>) -> Result<Response<BindResponse>, Status> {
         // The request carries a password: it is never logged as a whole.
-        let req = req.into_inner();
-        spec::validate_instance_id(&req.instance_id)?;
-        if !self.node.holds(&req.instance_id) {
-            return Err(Error::NotFound(req.instance_id).into());
-        }
-        // Hook point: per-service bind actions (e.g. a Redis ACL user) go
-        // here once service definitions describe them; until then a binding
-        // only needs the instance to exist.
+        let b = Binding::from_bind(req.into_inner())?;
+        let node = self.node.clone();
+        detached(async move {
+            node.bind(&b).await.inspect_err(|e| {
+                tracing::warn!(binding_id = %b.binding_id, error = %e.summary(), "bind failed");
+            })
+        })
+        .await?;
         Ok(Response::new(BindResponse {}))
     }
 
+    #[tracing::instrument(skip_all, fields(instance_id = %req.get_ref().instance_id))]
     async fn unbind(
         &self,
-        _req: Request<UnbindRequest>,
+        req: Request<UnbindRequest>,
     ) -> Result<Response<UnbindResponse>, Status> {
-        // Hook point mirroring `bind`: nothing was made, so nothing to undo.
+        let b = Binding::from_unbind(req.into_inner())?;
+        let node = self.node.clone();
+        detached(async move {
+            node.unbind(&b).await.inspect_err(|e| {
+                tracing::warn!(binding_id = %b.binding_id, error = %e.summary(), "unbind failed");
+            })
+        })
+        .await?;
         Ok(Response::new(UnbindResponse {}))
     }
 

@@ -6,14 +6,22 @@
 //! restarts it when it dies, and records only a small metadata file per
 //! instance directory so that a restarted node re-adopts its daemons
 //! instead of starting duplicates.
+//!
+//! Kinds of instance: `none` (nothing on the node but its hooks), `process`
+//! (a supervised daemon), `database` (a database and roles on the
+//! PostgreSQL server of `postgres_url`) and `directory` (a size-capped
+//! directory). Every kind runs the lifecycle hooks the gateway sends.
 
 mod announce;
 mod config;
+mod directory;
 mod error;
 mod grpc;
+mod hooks;
 mod meta;
 mod node;
 mod offer;
+mod pg;
 mod process;
 mod procfs;
 mod spec;
@@ -29,11 +37,15 @@ use svcbroker_proto::v1::node_agent_server::NodeAgentServer;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 
-pub use config::{Config, ConfigError, PortRangeConfig, load_config};
+pub use config::{Config, ConfigError, DirectoryCap, PortRangeConfig, load_config};
 pub use error::Error;
 
 /// gRPC service names this server registers with health and reflection.
 pub const SERVICE_NAMES: &[&str] = &["svcbroker.v1.NodeAgent"];
+
+/// How often the database server is pinged, so that database services are
+/// offered when it comes up and withdrawn when it goes away.
+const POSTGRES_CHECK: Duration = Duration::from_secs(10);
 
 /// Runs the node agent on `listener` until `shutdown` resolves: re-adopts
 /// daemons left running in `data_dir`, serves NodeAgent (with health and
@@ -61,24 +73,49 @@ pub async fn run(
         .grpc_url
         .clone()
         .unwrap_or_else(|| default_grpc_url(local, &config.advertise_host));
+    let pg = match &config.postgres_url {
+        Some(url) => Some(Arc::new(pg::Postgres::new(
+            url,
+            config.postgres_advertise_host.as_deref(),
+        )?)),
+        None => None,
+    };
     let services_dir = config.services_dir.clone();
-    let services = tokio::task::spawn_blocking(move || offer::offered_services(&services_dir))
+    let has_pg = pg.is_some();
+    let offer = tokio::task::spawn_blocking(move || offer::offered_services(&services_dir, has_pg))
         .await
         .unwrap_or_default();
+    let dir_mode = directory::detect(&config.data_dir, config.directory_cap).await?;
     tracing::info!(
         node_id = %config.node_id,
         %local,
         data_dir = %config.data_dir.display(),
-        services = ?services,
+        bind_host = %config.bind_host,
+        services = ?offer.plain,
+        database_services = ?offer.database,
+        directory_cap = dir_mode.as_str(),
         "node agent starting"
     );
 
     let gateway_url = config.gateway_url.clone();
     let fallback = Duration::from_millis(config.announce_interval_ms.max(100));
-    let node = Arc::new(node::Node::new(config, services, grpc_url));
+    let node = Arc::new(node::Node::new(config, offer, grpc_url, dir_mode, pg));
+    node.check_postgres().await;
     node.readopt().await;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let pg_monitor = node.has_postgres().then(|| {
+        let node = node.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(POSTGRES_CHECK) => node.check_postgres().await,
+                    _ = supervisor::stopped(&mut stop) => return,
+                }
+            }
+        })
+    });
     let announcer = gateway_url.map(|url| {
         tokio::spawn(announce::announce_loop(
             node.clone(),
@@ -94,6 +131,9 @@ pub async fn run(
     stop_tx.send_replace(true);
     if let Some(a) = announcer {
         let _ = a.await;
+    }
+    if let Some(m) = pg_monitor {
+        let _ = m.await;
     }
     node.shutdown().await;
     tracing::info!("node agent stopped");

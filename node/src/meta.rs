@@ -24,13 +24,25 @@ pub(crate) struct InstanceMeta {
     /// Field 22 of `/proc/<pid>/stat` when it was started.
     pub start_time: u64,
     pub spec_hash: String,
+    /// Size cap of a directory instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_limit_bytes: Option<u64>,
+    /// How a directory instance's cap is enforced ("loop" or "supervised").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cap: Option<String>,
 }
 
 /// Writes the metadata atomically (temp file + rename), mode 0600, so a
 /// crash never leaves a half-written file.
 pub(crate) fn write(dir: &Path, meta: &InstanceMeta) -> Result<(), Error> {
-    let path = dir.join(META_FILE);
-    let tmp = dir.join(format!("{META_FILE}.tmp"));
+    write_at(&dir.join(META_FILE), meta)
+}
+
+/// Writes the metadata to `path` (temp file beside it + rename).
+pub(crate) fn write_at(path: &Path, meta: &InstanceMeta) -> Result<(), Error> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
     let json = serde_json::to_vec_pretty(meta).expect("metadata serialises");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -43,14 +55,18 @@ pub(crate) fn write(dir: &Path, meta: &InstanceMeta) -> Result<(), Error> {
     f.write_all(&json)
         .and_then(|()| f.sync_all())
         .map_err(Error::io("cannot write", &tmp))?;
-    std::fs::rename(&tmp, &path).map_err(Error::io("cannot rename", &path))
+    std::fs::rename(&tmp, path).map_err(Error::io("cannot rename", path))
 }
 
 /// Reads the metadata of `dir`; `None` when it is missing or unreadable
 /// (such a directory is simply not adoptable).
 pub(crate) fn read(dir: &Path) -> Option<InstanceMeta> {
-    let path = dir.join(META_FILE);
-    let text = std::fs::read(&path).ok()?;
+    read_at(&dir.join(META_FILE))
+}
+
+/// Reads the metadata file at `path`.
+pub(crate) fn read_at(path: &Path) -> Option<InstanceMeta> {
+    let text = std::fs::read(path).ok()?;
     match serde_json::from_slice(&text) {
         Ok(m) => Some(m),
         Err(e) => {
@@ -76,6 +92,8 @@ mod tests {
             pid: 42,
             start_time: 7,
             spec_hash: "abc".into(),
+            size_limit_bytes: None,
+            cap: None,
         };
         write(dir.path(), &m).unwrap();
         assert_eq!(read(dir.path()), Some(m));

@@ -17,11 +17,15 @@ use svcbroker_proto::v1::{InstanceState, InstanceStatus, NodeInfo, PortRange};
 use tokio::sync::OwnedMutexGuard;
 
 use crate::config::Config;
+use crate::directory::{self, CapMode, Watch};
 use crate::error::Error;
+use crate::hooks::HookRunner;
 use crate::meta::{self, InstanceMeta};
+use crate::offer::Offer;
+use crate::pg::Postgres;
 use crate::process::{self, Readiness};
 use crate::procfs;
-use crate::spec::{self, Kind, Provision};
+use crate::spec::{self, Binding, DbSpec, Deprovision, Kind, Provision};
 use crate::supervisor::{self, Supervisor};
 
 /// One instance the node holds.
@@ -31,10 +35,34 @@ struct Held {
     kind: Kind,
     port: u32,
     spec_hash: String,
-    /// The instance directory (kind "process" only).
+    /// The instance directory (kinds "process" and "directory").
     dir: Option<PathBuf>,
     /// The daemon's supervisor (kind "process" only).
     sup: Option<Arc<Supervisor>>,
+    /// The instance's database (kind "database" only).
+    database: Option<DbSpec>,
+    /// How the directory's cap is enforced, and its size (kind "directory").
+    cap: Option<(CapMode, u64)>,
+    /// The supervised cap's checker (kind "directory", supervised mode).
+    watch: Option<Arc<Watch>>,
+}
+
+impl Held {
+    /// A held instance with nothing running and no directory.
+    fn plain(p: &Provision, kind: Kind, hash: String) -> Held {
+        Held {
+            service: p.service.clone(),
+            plan: p.plan.clone(),
+            kind,
+            port: p.port,
+            spec_hash: hash,
+            dir: None,
+            sup: None,
+            database: None,
+            cap: None,
+            watch: None,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -62,23 +90,79 @@ impl Drop for StartingGuard<'_> {
 pub(crate) struct Node {
     config: Config,
     boot_id: String,
-    services: Vec<String>,
+    offer: Offer,
     grpc_url: String,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     closing: AtomicBool,
+    hooks: HookRunner,
+    /// The database server, when `postgres_url` is configured.
+    pg: Option<Arc<Postgres>>,
+    /// Whether that server answered the last check: database services are
+    /// offered only then.
+    pg_up: AtomicBool,
+    /// How new directory instances get their cap.
+    dir_mode: CapMode,
 }
 
 impl Node {
     /// `config.data_dir` must be absolute and exist.
-    pub fn new(config: Config, services: Vec<String>, grpc_url: String) -> Self {
+    pub fn new(
+        config: Config,
+        offer: Offer,
+        grpc_url: String,
+        dir_mode: CapMode,
+        pg: Option<Arc<Postgres>>,
+    ) -> Self {
         Node {
             config,
             boot_id: uuid::Uuid::new_v4().to_string(),
-            services,
+            offer,
             grpc_url,
             slots: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
+            hooks: HookRunner::new(),
+            pg,
+            pg_up: AtomicBool::new(false),
+            dir_mode,
         }
+    }
+
+    /// Pings the database server (if any) and records whether it answered;
+    /// logs only changes.
+    pub async fn check_postgres(&self) {
+        let Some(pg) = &self.pg else { return };
+        let up = match pg.ping().await {
+            Ok(()) => true,
+            Err(e) => {
+                if self.pg_up.load(Ordering::SeqCst) {
+                    tracing::warn!(error = %e, "postgresql server stopped answering: database services withdrawn");
+                } else {
+                    tracing::debug!(error = %e, "postgresql server does not answer");
+                }
+                false
+            }
+        };
+        if up && !self.pg_up.load(Ordering::SeqCst) {
+            tracing::info!(
+                host = pg.host(),
+                port = pg.port(),
+                "postgresql server answers: database services offered"
+            );
+        }
+        self.pg_up.store(up, Ordering::SeqCst);
+    }
+
+    /// True when a database server is configured.
+    pub fn has_postgres(&self) -> bool {
+        self.pg.is_some()
+    }
+
+    fn postgres(&self) -> Result<&Postgres, Error> {
+        self.pg.as_deref().ok_or_else(|| {
+            Error::Unsupported(
+                "no postgresql server is configured on this node (postgres_url)".to_owned(),
+            )
+        })
     }
 
     /// Returns who this node is and what it offers.
@@ -90,9 +174,20 @@ impl Node {
             .values()
             .filter(|s| s.held.lock().unwrap().is_some())
             .count();
+        let mut services = self.offer.plain.clone();
+        if self.pg_up.load(Ordering::SeqCst) {
+            services.extend(self.offer.database.iter().cloned());
+        }
+        services.sort();
+        services.dedup();
+        let mut attributes = HashMap::new();
+        if let Some(pg) = &self.pg {
+            attributes.insert("postgresql_host".to_owned(), pg.host().to_owned());
+            attributes.insert("postgresql_port".to_owned(), pg.port().to_string());
+        }
         NodeInfo {
             node_id: self.config.node_id.clone(),
-            services: self.services.clone(),
+            services,
             capacity: self.config.capacity,
             used: used as u32,
             port_range: Some(PortRange {
@@ -103,10 +198,8 @@ impl Node {
             grpc_url: self.grpc_url.clone(),
             advertise_host: self.config.advertise_host.clone(),
             data_dir: self.config.data_dir.to_string_lossy().into_owned(),
-            // Instances serve this host only until the node is told otherwise
-            // (containers set a wider address in a later change).
-            bind_host: "127.0.0.1".into(),
-            attributes: Default::default(),
+            bind_host: self.config.bind_host.clone(),
+            attributes,
         }
     }
 
@@ -194,12 +287,13 @@ impl Node {
     }
 
     fn status_of(&self, id: &str, h: &Held) -> InstanceStatus {
-        let (pid, state, message) = match &h.sup {
-            Some(sup) => {
+        let (pid, state, message) = match (&h.sup, &h.watch) {
+            (Some(sup), _) => {
                 let s = sup.status();
                 (s.pid, s.state, s.message)
             }
-            None => (0, InstanceState::Running, String::new()),
+            (None, Some(w)) => (0, InstanceState::Running, w.message().to_owned()),
+            (None, None) => (0, InstanceState::Running, String::new()),
         };
         InstanceStatus {
             instance_id: id.to_owned(),
@@ -234,27 +328,28 @@ impl Node {
         out
     }
 
-    /// Returns true when the instance is held by this node.
-    pub fn holds(&self, id: &str) -> bool {
-        self.slots
-            .lock()
-            .unwrap()
-            .get(id)
-            .is_some_and(|s| s.held.lock().unwrap().is_some())
-    }
-
     /// Makes the instance exist; returns its status and whether this call
     /// started it.
     pub async fn provision(&self, p: Provision) -> Result<(InstanceStatus, bool), Error> {
-        let (slot, mut guard) = self
-            .lock_slot(&p.instance_id, p.kind == Kind::Process)
-            .await?;
-        let result = self.provision_locked(&slot, &p).await;
+        // Every kind but "none" takes something of this host (or of its
+        // database server), so it counts against the capacity.
+        let (slot, mut guard) = self.lock_slot(&p.instance_id, p.kind != Kind::None).await?;
+        let result = match self.ensure_instance(&slot, &p).await {
+            // Hooks run once the instance exists, on every Provision (they
+            // are idempotent by contract). A failure leaves the instance:
+            // the gateway deprovisions a failed provision, or repeats it.
+            Ok(r) => self
+                .hooks
+                .run_all("provision", &p.instance_id, &p.hooks)
+                .await
+                .map(|()| r),
+            Err(e) => Err(e),
+        };
         self.release(&p.instance_id, &slot, &mut guard);
         result
     }
 
-    async fn provision_locked(
+    async fn ensure_instance(
         &self,
         slot: &Slot,
         p: &Provision,
@@ -278,8 +373,23 @@ impl Node {
                     h.port, p.port
                 )));
             }
+            if p.kind == Kind::Database && h.database != p.database {
+                return Err(Error::Conflict(format!(
+                    "instance {id} has another database"
+                )));
+            }
+            if p.kind == Kind::Directory {
+                // Checked again every time: a host reboot unmounts it.
+                return self.provide_directory(slot, p, hash).await;
+            }
             let Some(sup) = &h.sup else {
-                // Kind "none": nothing runs; remember the latest plan.
+                // Kind "none" (or "database", checked on the server below):
+                // nothing runs; remember the latest plan.
+                if p.kind == Kind::Database {
+                    self.postgres()?
+                        .create_database(&h.database.as_ref().expect("database held").name)
+                        .await?;
+                }
                 let h = self.replace_plan(slot, &h, &p.plan);
                 return Ok((self.status_of(id, &h), false));
             };
@@ -306,21 +416,116 @@ impl Node {
         }
         match p.kind {
             Kind::None => {
-                let h = Arc::new(Held {
-                    service: p.service.clone(),
-                    plan: p.plan.clone(),
-                    kind: Kind::None,
-                    port: p.port,
-                    spec_hash: hash,
-                    dir: None,
-                    sup: None,
-                });
+                let h = Arc::new(Held::plain(p, Kind::None, hash));
                 *slot.held.lock().unwrap() = Some(h.clone());
                 tracing::info!(instance_id = %id, service = %p.service, "recorded instance");
                 Ok((self.status_of(id, &h), true))
             }
             Kind::Process => self.start_process(slot, p, hash).await,
+            Kind::Database => {
+                let db = p.database.as_ref().expect("kind database has a spec");
+                let created = self.postgres()?.create_database(&db.name).await?;
+                let mut held = Held::plain(p, Kind::Database, hash);
+                held.database = Some(db.clone());
+                let h = Arc::new(held);
+                *slot.held.lock().unwrap() = Some(h.clone());
+                tracing::info!(instance_id = %id, service = %p.service, database = %db.name, created, "database instance ready");
+                Ok((self.status_of(id, &h), created))
+            }
+            Kind::Directory => self.provide_directory(slot, p, hash).await,
         }
+    }
+
+    /// Makes a directory instance exist with its cap (idempotent: mounts
+    /// an image that is not mounted, restarts a checker that is not
+    /// running) and holds it.
+    async fn provide_directory(
+        &self,
+        slot: &Slot,
+        p: &Provision,
+        hash: String,
+    ) -> Result<(InstanceStatus, bool), Error> {
+        let id = &p.instance_id;
+        let dir = self.instance_dir(id)?;
+        let record_path = directory::record_path(&self.config.data_dir, id);
+        let record = meta::read_at(&record_path);
+        if record.is_none() && meta::read(&dir).is_some_and(|m| m.kind == Kind::Process.as_str()) {
+            return Err(Error::Conflict(format!(
+                "instance {id} exists as a process instance"
+            )));
+        }
+        let limit = if p.size_limit_bytes == 0 {
+            self.config.directory_default_limit_bytes
+        } else {
+            p.size_limit_bytes
+        };
+        // An existing instance keeps the mode it was made with.
+        let mode = record
+            .as_ref()
+            .and_then(|m| m.cap.as_deref().and_then(CapMode::parse))
+            .unwrap_or(self.dir_mode);
+        let old_limit = record.as_ref().and_then(|m| m.size_limit_bytes);
+        if mode == CapMode::Loop && old_limit.is_some_and(|l| l != limit) {
+            return Err(Error::Conflict(format!(
+                "instance {id} is a loop-mounted directory of {} bytes; it cannot be resized to {limit}",
+                old_limit.unwrap_or(0)
+            )));
+        }
+        let held = slot.held.lock().unwrap().clone();
+        let created = match mode {
+            CapMode::Loop => {
+                directory::setup_loop(&self.config.data_dir, id, &dir, limit).await?
+                    && record.is_none()
+            }
+            CapMode::Supervised => {
+                directory::ensure_images_dir(&self.config.data_dir)?;
+                let existed = dir.exists();
+                directory::create_dir(&dir)?;
+                !existed && record.is_none()
+            }
+        };
+        let m = InstanceMeta {
+            instance_id: id.clone(),
+            service: p.service.clone(),
+            plan: p.plan.clone(),
+            kind: Kind::Directory.as_str().to_owned(),
+            port: p.port,
+            pid: 0,
+            start_time: 0,
+            spec_hash: hash.clone(),
+            size_limit_bytes: Some(limit),
+            cap: Some(mode.as_str().to_owned()),
+        };
+        meta::write_at(&record_path, &m)?;
+        let watch = match (mode, held.as_ref().and_then(|h| h.watch.clone())) {
+            (CapMode::Supervised, Some(w)) => {
+                w.set_limit(limit);
+                Some(w)
+            }
+            (CapMode::Supervised, None) => Some(self.start_watch(id, &dir, limit)),
+            (CapMode::Loop, _) => None,
+        };
+        let h = Arc::new(Held {
+            dir: Some(dir),
+            cap: Some((mode, limit)),
+            watch,
+            ..Held::plain(p, Kind::Directory, hash)
+        });
+        *slot.held.lock().unwrap() = Some(h.clone());
+        if created {
+            tracing::info!(instance_id = %id, limit, cap = mode.as_str(), "directory instance created");
+        }
+        Ok((self.status_of(id, &h), created))
+    }
+
+    fn start_watch(&self, id: &str, dir: &Path, limit: u64) -> Arc<Watch> {
+        Watch::start(
+            &self.config.data_dir,
+            id,
+            dir,
+            limit,
+            Duration::from_millis(self.config.directory_check_interval_ms),
+        )
     }
 
     fn replace_plan(&self, slot: &Slot, h: &Arc<Held>, plan: &str) -> Arc<Held> {
@@ -335,6 +540,9 @@ impl Node {
             spec_hash: h.spec_hash.clone(),
             dir: h.dir.clone(),
             sup: h.sup.clone(),
+            database: h.database.clone(),
+            cap: h.cap,
+            watch: h.watch.clone(),
         });
         *slot.held.lock().unwrap() = Some(new.clone());
         new
@@ -350,6 +558,8 @@ impl Node {
             pid,
             start_time,
             spec_hash: hash.to_owned(),
+            size_limit_bytes: None,
+            cap: None,
         }
     }
 
@@ -372,13 +582,9 @@ impl Node {
         sup: Arc<Supervisor>,
     ) -> Arc<Held> {
         let h = Arc::new(Held {
-            service: p.service.clone(),
-            plan: p.plan.clone(),
-            kind: p.kind,
-            port: p.port,
-            spec_hash: hash,
             dir: Some(dir.to_owned()),
             sup: Some(sup),
+            ..Held::plain(p, p.kind, hash)
         });
         *slot.held.lock().unwrap() = Some(h.clone());
         h
@@ -393,6 +599,11 @@ impl Node {
         let id = &p.instance_id;
         let run = p.process.as_ref().expect("kind process has a spec");
         let dir = self.instance_dir(id)?;
+        if directory::record_path(&self.config.data_dir, id).exists() {
+            return Err(Error::Conflict(format!(
+                "instance {id} exists as a directory instance"
+            )));
+        }
         // A directory that already exists holds data of an earlier life of
         // this instance (node restart): reuse it and never remove it.
         let pre_existing = match std::fs::symlink_metadata(&dir) {
@@ -515,24 +726,71 @@ impl Node {
         }
     }
 
-    /// Stops and removes the instance; returns whether anything existed.
-    pub async fn deprovision(&self, id: &str) -> Result<bool, Error> {
+    /// Runs the deprovision hooks, then stops and removes the instance;
+    /// returns whether anything existed.
+    pub async fn deprovision(&self, d: Deprovision) -> Result<bool, Error> {
+        let id = d.instance_id.as_str();
         let dir = self.instance_dir(id)?;
         let (slot, mut guard) = self.lock_slot(id, false).await?;
-        let result = self.deprovision_locked(&slot, id, &dir).await;
+        let result = async {
+            // First, and a failure fails the call with nothing removed: the
+            // hooks may need the instance (e.g. its daemon) to still exist.
+            self.hooks.run_all("deprovision", id, &d.hooks).await?;
+            self.deprovision_locked(&slot, &d, &dir).await
+        }
+        .await;
         self.release(id, &slot, &mut guard);
         result
     }
 
-    async fn deprovision_locked(&self, slot: &Slot, id: &str, dir: &Path) -> Result<bool, Error> {
+    async fn deprovision_locked(
+        &self,
+        slot: &Slot,
+        d: &Deprovision,
+        dir: &Path,
+    ) -> Result<bool, Error> {
+        let id = d.instance_id.as_str();
         let held = slot.held.lock().unwrap().clone();
         let mut removed = false;
+        let record = directory::record_path(&self.config.data_dir, id);
+        // What the instance is: the node's memory first, then what the
+        // gateway says (a restarted node forgot), then what is on disk.
+        let kind = held.as_ref().map(|h| h.kind).or(d.kind).or_else(|| {
+            (record.exists() || directory::mount_source(dir).is_some()).then_some(Kind::Directory)
+        });
+        if kind == Some(Kind::Database) {
+            let db = d
+                .database
+                .clone()
+                .or_else(|| held.as_ref().and_then(|h| h.database.clone()))
+                .ok_or_else(|| {
+                    Error::InvalidArgument(
+                        "deprovisioning a database instance needs its database".to_owned(),
+                    )
+                })?;
+            removed |= self.postgres()?.drop_database(&db.name).await?;
+        }
         if let Some(h) = held {
             if let Some(sup) = &h.sup {
                 sup.stop().await;
             }
+            if let Some(w) = &h.watch {
+                w.stop().await;
+            }
             *slot.held.lock().unwrap() = None;
             removed = true;
+        }
+        if kind == Some(Kind::Directory)
+            || record.exists()
+            || directory::mount_source(dir).is_some()
+        {
+            // Never the process path below: the directory belongs to the
+            // application, so a metadata file in it is not to be trusted.
+            removed |= directory::remove(&self.config.data_dir, id, dir).await?;
+            if removed {
+                tracing::info!(instance_id = %id, "instance removed");
+            }
+            return Ok(removed);
         }
         match std::fs::symlink_metadata(dir) {
             Ok(m) if m.is_dir() => {
@@ -586,7 +844,10 @@ impl Node {
             let Some(m) = meta::read(&dir) else {
                 continue;
             };
-            if m.instance_id != id || m.kind != Kind::Process.as_str() {
+            if m.instance_id != id
+                || m.kind != Kind::Process.as_str()
+                || directory::record_path(&self.config.data_dir, &id).exists()
+            {
                 continue;
             }
             if !(procfs::is_our_leader(m.pid, m.start_time) && process::port_accepts(m.port).await)
@@ -608,12 +869,179 @@ impl Node {
                     pid,
                     start_time,
                 )),
+                database: None,
+                cap: None,
+                watch: None,
             });
             let slot = Arc::new(Slot::default());
             *slot.held.lock().unwrap() = Some(held);
             self.slots.lock().unwrap().insert(id.clone(), slot);
             tracing::info!(instance_id = %id, pid, "re-adopted running daemon");
         }
+        self.readopt_directories().await;
+    }
+
+    /// Holds the directory instances recorded in `.images`: mounts images
+    /// that are not mounted (a host reboot), restarts supervised checkers.
+    async fn readopt_directories(&self) {
+        let images = self.config.data_dir.join(directory::IMAGES_DIR);
+        let Ok(entries) = std::fs::read_dir(&images) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                continue;
+            };
+            if id.ends_with(".lock") {
+                continue;
+            }
+            let Ok(dir) = self.instance_dir(id) else {
+                continue;
+            };
+            let Some(m) = meta::read_at(&entry.path()) else {
+                continue;
+            };
+            let (Some(mode), Some(limit)) = (
+                m.cap.as_deref().and_then(CapMode::parse),
+                m.size_limit_bytes,
+            ) else {
+                continue;
+            };
+            if m.instance_id != id || m.kind != Kind::Directory.as_str() || !dir.is_dir() {
+                tracing::warn!(instance_id = %id, "directory record without its directory; left for re-provisioning");
+                continue;
+            }
+            let watch = match mode {
+                CapMode::Loop => {
+                    if let Err(e) =
+                        directory::setup_loop(&self.config.data_dir, id, &dir, limit).await
+                    {
+                        tracing::warn!(instance_id = %id, error = %e, "cannot mount directory image; left for re-provisioning");
+                        continue;
+                    }
+                    None
+                }
+                CapMode::Supervised => Some(self.start_watch(id, &dir, limit)),
+            };
+            let held = Arc::new(Held {
+                service: m.service,
+                plan: m.plan,
+                kind: Kind::Directory,
+                port: m.port,
+                spec_hash: m.spec_hash,
+                dir: Some(dir),
+                sup: None,
+                database: None,
+                cap: Some((mode, limit)),
+                watch,
+            });
+            let slot = Arc::new(Slot::default());
+            *slot.held.lock().unwrap() = Some(held);
+            self.slots.lock().unwrap().insert(id.to_owned(), slot);
+            tracing::info!(instance_id = %id, cap = mode.as_str(), "re-adopted directory");
+        }
+    }
+
+    /// Makes a binding's credentials real: for a database instance its
+    /// role, then the hooks.
+    pub async fn bind(&self, b: &Binding) -> Result<(), Error> {
+        let id = b.instance_id.as_str();
+        let held = self.held(id);
+        match held.as_ref().map(|h| h.kind).or(b.kind) {
+            // A process instance (or one the gateway did not name the
+            // kind of) must be here, and its daemon up for the hooks.
+            Some(Kind::Process) | None => {
+                self.require_running(id, held.as_deref())?;
+            }
+            // Nothing of it lives here: the hooks are the binding.
+            Some(Kind::None) => {}
+            Some(Kind::Directory) => {
+                if held.is_none() && !self.instance_dir(id)?.is_dir() {
+                    return Err(Error::NotFound(id.to_owned()));
+                }
+            }
+            Some(Kind::Database) => {
+                let db = self.database_of(b.database.as_ref(), held.as_deref())?;
+                self.postgres()?
+                    .create_login(&db.name, &b.username, &b.password)
+                    .await
+                    .map_err(|e| match e {
+                        Error::NotFound(_) => Error::NotFound(id.to_owned()),
+                        other => other,
+                    })?;
+            }
+        }
+        self.hooks.run_all("bind", id, &b.hooks).await
+    }
+
+    /// Undoes [`Node::bind`]: the hooks, then for a database instance the
+    /// role. Unbinding from an instance that is gone succeeds.
+    pub async fn unbind(&self, b: &Binding) -> Result<(), Error> {
+        let id = b.instance_id.as_str();
+        let held = self.held(id);
+        match held.as_ref().map(|h| h.kind).or(b.kind) {
+            Some(Kind::Process) | None => {
+                if held.is_none() {
+                    // The instance (and every credential in it) is gone.
+                    return Ok(());
+                }
+                self.require_running(id, held.as_deref())?;
+                self.hooks.run_all("unbind", id, &b.hooks).await
+            }
+            Some(Kind::None) => self.hooks.run_all("unbind", id, &b.hooks).await,
+            Some(Kind::Directory) => {
+                if held.is_none() && !self.instance_dir(id)?.is_dir() {
+                    return Ok(());
+                }
+                self.hooks.run_all("unbind", id, &b.hooks).await
+            }
+            Some(Kind::Database) => {
+                let db = self.database_of(b.database.as_ref(), held.as_deref())?;
+                self.hooks.run_all("unbind", id, &b.hooks).await?;
+                self.postgres()?.drop_login(&db.name, &b.username).await?;
+                Ok(())
+            }
+        }
+    }
+
+    fn held(&self, id: &str) -> Option<Arc<Held>> {
+        let slot = self.slots.lock().unwrap().get(id).cloned()?;
+        slot.held.lock().unwrap().clone()
+    }
+
+    /// NOT_FOUND unless the instance is held; UNAVAILABLE while its daemon
+    /// is not running (restarting, or given up on), so that the gateway
+    /// retries instead of running hooks against a daemon that is down.
+    fn require_running(&self, id: &str, held: Option<&Held>) -> Result<(), Error> {
+        let h = held.ok_or_else(|| Error::NotFound(id.to_owned()))?;
+        if let Some(sup) = &h.sup {
+            let s = sup.status();
+            if s.state != InstanceState::Running {
+                let state = s
+                    .state
+                    .as_str_name()
+                    .trim_start_matches("INSTANCE_STATE_")
+                    .to_lowercase();
+                return Err(Error::Unavailable(format!(
+                    "instance {id} is not running ({state}{}{})",
+                    if s.message.is_empty() { "" } else { ": " },
+                    s.message
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn database_of(&self, given: Option<&DbSpec>, held: Option<&Held>) -> Result<DbSpec, Error> {
+        given
+            .cloned()
+            .or_else(|| held.and_then(|h| h.database.clone()))
+            .ok_or_else(|| {
+                Error::InvalidArgument(
+                    "a database instance's binding needs its database".to_owned(),
+                )
+            })
     }
 
     /// Refuses new operations, waits for running ones, then stops every
@@ -631,6 +1059,10 @@ impl Node {
             stops.spawn(async move {
                 let _guard = slot.op.lock().await;
                 let held = slot.held.lock().unwrap().clone();
+                // Directories stay (mounted, too): only their checker stops.
+                if let Some(w) = held.as_ref().and_then(|h| h.watch.clone()) {
+                    w.stop().await;
+                }
                 if let Some(sup) = held.and_then(|h| h.sup.clone()) {
                     if keep {
                         sup.detach();

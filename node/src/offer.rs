@@ -1,5 +1,6 @@
 //! Which services this node offers: those of `services_dir` whose every
-//! executable is found on this host.
+//! executable is found on this host; database services only while the
+//! node's database server answers (decided at Describe time).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -8,11 +9,42 @@ use std::path::{Path, PathBuf};
 struct Candidate {
     name: String,
     executables: Vec<String>,
+    /// Set for model "database": the engine it needs.
+    database_engine: Option<String>,
 }
 
-/// Returns the names of the services in `services_dir` that this host can
-/// run, sorted. A missing or unreadable directory offers nothing (logged).
-pub(crate) fn offered_services(services_dir: &Path) -> Vec<String> {
+/// What this node can offer, split by what the offer depends on.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Offer {
+    /// Offered whenever the node runs (executables found).
+    pub plain: Vec<String>,
+    /// Offered while the configured PostgreSQL server answers.
+    pub database: Vec<String>,
+}
+
+/// Sorts `services` into an [`Offer`]; `has_postgres` says whether a
+/// database server is configured at all.
+pub(crate) fn offered_services(services_dir: &Path, has_postgres: bool) -> Offer {
+    let mut offer = Offer::default();
+    for (name, engine) in runnable_services(services_dir) {
+        match engine.as_deref() {
+            None => offer.plain.push(name),
+            Some("postgresql") if has_postgres => offer.database.push(name),
+            Some("postgresql") => {
+                tracing::info!(service = %name, "not offered: no postgres_url configured");
+            }
+            Some(other) => {
+                tracing::info!(service = %name, engine = other, "not offered: this node runs postgresql databases only");
+            }
+        }
+    }
+    offer
+}
+
+/// Returns the services in `services_dir` that this host can run, sorted,
+/// with their database engine. A missing or unreadable directory offers
+/// nothing (logged).
+fn runnable_services(services_dir: &Path) -> Vec<(String, Option<String>)> {
     if !services_dir.is_dir() {
         tracing::warn!(
             services_dir = %services_dir.display(),
@@ -41,7 +73,7 @@ pub(crate) fn offered_services(services_dir: &Path) -> Vec<String> {
             .map(String::as_str)
             .collect();
         if missing.is_empty() {
-            offered.push(c.name);
+            offered.push((c.name, c.database_engine));
         } else {
             tracing::info!(service = %c.name, missing = ?missing, "not offered: executables not found");
         }
@@ -60,8 +92,16 @@ fn load_candidates(services_dir: &Path) -> Result<Vec<Candidate>, String> {
         .map(|s| Candidate {
             name: s.name.clone(),
             executables: s.executables(),
+            database_engine: database_engine(s),
         })
         .collect())
+}
+
+/// The engine a database service needs. Written against the svcdef API that
+/// is landing (`ServiceDef::database_engine()`); until it has, the model name
+/// says "database" and PostgreSQL is the only engine there is.
+fn database_engine(s: &svcbroker_svcdef::ServiceDef) -> Option<String> {
+    (s.model.as_str() == "database").then(|| "postgresql".to_owned())
 }
 
 /// Finds `program` the way `execvp` would: an absolute path must be an

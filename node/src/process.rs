@@ -97,7 +97,9 @@ pub(crate) fn spawn(dir: &Path, spec: &RunSpec) -> Result<Spawned, String> {
     let stderr =
         open_log(&dir.join(STDERR_LOG)).map_err(|e| format!("cannot open {STDERR_LOG}: {e}"))?;
     let stderr_offset = stderr.metadata().map(|m| m.len()).unwrap_or(0);
-    let child = Command::new(&spec.argv[0])
+    let mut cmd = Command::new(&spec.argv[0]);
+    scrub_node_env(cmd.as_std_mut());
+    let child = cmd
         .args(&spec.argv[1..])
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .current_dir(dir)
@@ -118,6 +120,18 @@ pub(crate) fn spawn(dir: &Path, spec: &RunSpec) -> Result<Spawned, String> {
         start_time,
         stderr_offset,
     })
+}
+
+/// Removes the node's own `SVCBROKER_*` variables from a child's
+/// environment: they are node configuration, and one of them
+/// (`SVCBROKER_POSTGRES_URL`) holds the database server's admin password,
+/// which no daemon or hook should inherit.
+pub(crate) fn scrub_node_env(cmd: &mut std::process::Command) {
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("SVCBROKER_") {
+            cmd.env_remove(name);
+        }
+    }
 }
 
 /// Returns true when `127.0.0.1:<port>` accepts a TCP connection.

@@ -5,9 +5,12 @@ use std::fmt;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use svcbroker_proto::v1::{ProcessSpec, ProvisionRequest};
+use svcbroker_proto::v1::{
+    BindRequest, DatabaseSpec, DeprovisionRequest, ProcessSpec, ProvisionRequest, UnbindRequest,
+};
 
 use crate::error::Error;
+use crate::hooks::{self, Hook};
 
 /// Name of the metadata file in every instance directory.
 pub(crate) const META_FILE: &str = ".svcbroker-instance.json";
@@ -23,6 +26,10 @@ pub(crate) enum Kind {
     None,
     /// One supervised daemon in its own directory.
     Process,
+    /// One database (and owner role) on the node's database server.
+    Database,
+    /// One size-capped directory.
+    Directory,
 }
 
 impl Kind {
@@ -31,6 +38,8 @@ impl Kind {
         match self {
             Kind::None => "none",
             Kind::Process => "process",
+            Kind::Database => "database",
+            Kind::Directory => "directory",
         }
     }
 
@@ -38,10 +47,161 @@ impl Kind {
         match s {
             "none" => Ok(Kind::None),
             "process" => Ok(Kind::Process),
+            "database" => Ok(Kind::Database),
+            "directory" => Ok(Kind::Directory),
             other => Err(Error::InvalidArgument(format!(
-                "unsupported kind {other:?} (this node runs \"none\" and \"process\")"
+                "unsupported kind {other:?} (this node runs \"none\", \"process\", \"database\" and \"directory\")"
             ))),
         }
+    }
+
+    /// Parses the kind of a Deprovision/Bind/Unbind request, where an empty
+    /// string (a gateway that does not send it) means "unknown".
+    pub fn parse_optional(s: &str) -> Result<Option<Self>, Error> {
+        if s.is_empty() {
+            Ok(None)
+        } else {
+            Kind::parse(s).map(Some)
+        }
+    }
+}
+
+/// Smallest directory cap: below this an ext4 image is mostly metadata.
+pub(crate) const MIN_DIRECTORY_BYTES: u64 = 1024 * 1024;
+
+/// A validated database spec (engine "postgresql").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DbSpec {
+    /// Database name, also its owner role's name.
+    pub name: String,
+}
+
+/// Validates a database spec; `field` names it in errors.
+pub(crate) fn validate_database(field: &str, d: DatabaseSpec) -> Result<DbSpec, Error> {
+    if d.engine != "postgresql" {
+        return Err(Error::InvalidArgument(format!(
+            "{field}.engine {:?} is not supported (this node runs \"postgresql\")",
+            d.engine
+        )));
+    }
+    crate::pg::validate_name(&format!("{field}.name"), &d.name)?;
+    Ok(DbSpec { name: d.name })
+}
+
+fn required_database(field: &str, d: Option<DatabaseSpec>) -> Result<DbSpec, Error> {
+    let d = d.ok_or_else(|| Error::InvalidArgument(format!("kind \"database\" needs {field}")))?;
+    validate_database(field, d)
+}
+
+/// A validated Deprovision request.
+pub(crate) struct Deprovision {
+    pub instance_id: String,
+    pub hooks: Vec<Hook>,
+    /// `None` when the gateway did not say.
+    pub kind: Option<Kind>,
+    pub database: Option<DbSpec>,
+}
+
+impl Deprovision {
+    /// Validates a request.
+    pub fn from_request(req: DeprovisionRequest) -> Result<Self, Error> {
+        validate_instance_id(&req.instance_id)?;
+        let kind = Kind::parse_optional(&req.kind)?;
+        let database = match (kind, req.database) {
+            (Some(Kind::Database), d) => Some(required_database("database", d)?),
+            (_, Some(d)) => Some(validate_database("database", d)?),
+            (_, None) => None,
+        };
+        Ok(Deprovision {
+            instance_id: req.instance_id,
+            hooks: hooks::validate("hooks", req.hooks)?,
+            kind,
+            database,
+        })
+    }
+}
+
+/// A validated Bind or Unbind request (Unbind has no password).
+pub(crate) struct Binding {
+    pub instance_id: String,
+    pub binding_id: String,
+    pub username: String,
+    pub password: String,
+    pub hooks: Vec<Hook>,
+    pub kind: Option<Kind>,
+    pub database: Option<DbSpec>,
+}
+
+// Hand-written: the password must never reach a log line.
+impl fmt::Debug for Binding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Binding")
+            .field("instance_id", &self.instance_id)
+            .field("binding_id", &self.binding_id)
+            .field("username", &self.username)
+            .field("hooks", &self.hooks)
+            .field("kind", &self.kind)
+            .field("database", &self.database)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Binding {
+    fn build(
+        instance_id: String,
+        binding_id: String,
+        username: String,
+        password: String,
+        hooks: Vec<svcbroker_proto::v1::Hook>,
+        kind: &str,
+        database: Option<DatabaseSpec>,
+    ) -> Result<Self, Error> {
+        validate_instance_id(&instance_id)?;
+        let kind = Kind::parse_optional(kind)?;
+        let database = match (kind, database) {
+            (Some(Kind::Database), d) => {
+                let d = required_database("database", d)?;
+                crate::pg::validate_name("username", &username)?;
+                Some(d)
+            }
+            (_, Some(d)) => Some(validate_database("database", d)?),
+            (_, None) => None,
+        };
+        Ok(Binding {
+            instance_id,
+            binding_id,
+            username,
+            password,
+            hooks: hooks::validate("hooks", hooks)?,
+            kind,
+            database,
+        })
+    }
+
+    /// Validates a Bind request.
+    pub fn from_bind(req: BindRequest) -> Result<Self, Error> {
+        Self::build(
+            req.instance_id,
+            req.binding_id,
+            req.username,
+            req.password,
+            req.hooks,
+            &req.kind,
+            req.database,
+        )
+    }
+
+    /// Validates an Unbind request.
+    pub fn from_unbind(req: UnbindRequest) -> Result<Self, Error> {
+        Self::build(
+            req.instance_id,
+            req.binding_id,
+            req.username,
+            String::new(),
+            req.hooks,
+            &req.kind,
+            req.database,
+        )
     }
 }
 
@@ -54,6 +214,13 @@ pub(crate) struct Provision {
     pub port: u32,
     /// Set exactly when `kind` is [`Kind::Process`].
     pub process: Option<RunSpec>,
+    /// Set exactly when `kind` is [`Kind::Database`].
+    pub database: Option<DbSpec>,
+    /// Size cap of a [`Kind::Directory`] instance; 0 means the node's
+    /// default.
+    pub size_limit_bytes: u64,
+    /// Run once the instance exists, on every Provision.
+    pub hooks: Vec<Hook>,
 }
 
 /// How to run one daemon: everything a restart needs.
@@ -100,6 +267,8 @@ pub(crate) fn validate_instance_id(id: &str) -> Result<(), Error> {
         && id.len() <= 128
         && id != "."
         && id != ".."
+        // The node's own folder for images and directory records.
+        && id != crate::directory::IMAGES_DIR
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
@@ -207,8 +376,23 @@ impl Provision {
             return Err(Error::InvalidArgument("service must be set".to_owned()));
         }
         let kind = Kind::parse(&req.kind)?;
+        let mut database = None;
+        let mut size_limit_bytes = 0;
         let process = match kind {
             Kind::None => None,
+            Kind::Database => {
+                database = Some(required_database("database", req.database)?);
+                None
+            }
+            Kind::Directory => {
+                size_limit_bytes = req.directory.map(|d| d.size_limit_bytes).unwrap_or(0);
+                if size_limit_bytes != 0 && size_limit_bytes < MIN_DIRECTORY_BYTES {
+                    return Err(Error::InvalidArgument(format!(
+                        "directory.size_limit_bytes must be 0 (the node's default) or at least {MIN_DIRECTORY_BYTES}"
+                    )));
+                }
+                None
+            }
             Kind::Process => {
                 if !port_ok(req.port) {
                     return Err(Error::InvalidArgument(format!(
@@ -229,6 +413,9 @@ impl Provision {
             kind,
             port: req.port,
             process,
+            database,
+            size_limit_bytes,
+            hooks: hooks::validate("hooks", req.hooks)?,
         })
     }
 
@@ -256,6 +443,15 @@ impl Provision {
                 h.str(&f.content);
                 h.u64(u64::from(f.mode));
             }
+        }
+        // Only hashed when set, so that hashes of process instances stay
+        // what earlier node versions recorded. Hooks are left out: they run
+        // on every Provision and restart nothing.
+        if let Some(d) = &self.database {
+            h.str(&d.name);
+        }
+        if self.kind == Kind::Directory {
+            h.u64(self.size_limit_bytes);
         }
         format!("{:016x}", h.0)
     }
@@ -305,7 +501,17 @@ mod tests {
         for ok in ["a", "abc-DEF_1.2", &"x".repeat(128), "..."] {
             assert!(validate_instance_id(ok).is_ok(), "{ok}");
         }
-        for bad in ["", ".", "..", "a/b", "a b", "é", &"x".repeat(129), "a\0"] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".images",
+            "a/b",
+            "a b",
+            "é",
+            &"x".repeat(129),
+            "a\0",
+        ] {
             assert!(validate_instance_id(bad).is_err(), "{bad:?}");
         }
     }
