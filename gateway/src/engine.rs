@@ -456,10 +456,8 @@ impl Engine {
         let Some(inst) = self.load_instance(&op.instance_id).await? else {
             return Ok(());
         };
-        self.retry(op, "removing from node", || {
-            self.node_deprovision(&inst.node_id, &inst.id)
-        })
-        .await?;
+        self.retry(op, "removing from node", || self.node_deprovision(&inst))
+            .await?;
         self.retry(op, "releasing port", || {
             self.release_port(&inst.node_id, &inst.id)
         })
@@ -500,9 +498,7 @@ impl Engine {
             ..Default::default()
         };
         let bound = self
-            .retry(op, "binding on node", || {
-                self.node_bind(&inst.node_id, req.clone())
-            })
+            .retry(op, "binding on node", || self.node_bind(&inst, req.clone()))
             .await;
         if let Err(Error::Upstream {
             code: tonic::Code::NotFound,
@@ -523,10 +519,8 @@ impl Engine {
                 self.node_provision(&inst.node_id, request.clone())
             })
             .await?;
-            self.retry(op, "binding on node", || {
-                self.node_bind(&inst.node_id, req.clone())
-            })
-            .await?;
+            self.retry(op, "binding on node", || self.node_bind(&inst, req.clone()))
+                .await?;
         } else {
             bound?;
         }
@@ -557,7 +551,7 @@ impl Engine {
                 ..Default::default()
             };
             self.retry(op, "unbinding on node", || {
-                self.node_unbind(&inst.node_id, req.clone())
+                self.node_unbind(&inst, req.clone())
             })
             .await?;
         }
@@ -577,7 +571,7 @@ impl Engine {
                     Ok(Some(i)) => i,
                     _ => return None,
                 };
-                if let Err(e) = self.node_deprovision(&inst.node_id, &inst.id).await {
+                if let Err(e) = self.node_deprovision(&inst).await {
                     failed.push(format!("node: {e}"));
                 }
                 if let Err(e) = self.release_port(&inst.node_id, &inst.id).await {
@@ -600,7 +594,7 @@ impl Engine {
                         username,
                         ..Default::default()
                     };
-                    if let Err(e) = self.node_unbind(&inst.node_id, req).await {
+                    if let Err(e) = self.node_unbind(&inst, req).await {
                         failed.push(format!("node: {e}"));
                     }
                 }
@@ -685,7 +679,7 @@ impl Engine {
                 for b in &bindings {
                     let bc = self.issue_credential(&b.id, "binding").await?;
                     self.node_bind(
-                        node_id,
+                        &inst,
                         BindRequest {
                             instance_id: inst.id.clone(),
                             binding_id: b.id.clone(),
@@ -825,28 +819,42 @@ impl Engine {
         .map(|_| ())
     }
 
-    async fn node_deprovision(&self, node_id: &str, instance_id: &str) -> Result<(), Error> {
+    /// Returns the provisioning model of an instance's service ("" when the
+    /// service left the catalog: the node then goes by what it remembers).
+    fn kind_of(&self, inst: &InstanceRow) -> String {
+        self.catalog
+            .service(&inst.service_id)
+            .map(|s| s.model.as_str().to_owned())
+            .unwrap_or_default()
+    }
+
+    async fn node_deprovision(&self, inst: &InstanceRow) -> Result<(), Error> {
+        // The kind travels with the call: a restarted node may no longer
+        // know what the instance was.
         let req = DeprovisionRequest {
-            instance_id: instance_id.to_owned(),
+            instance_id: inst.id.clone(),
+            kind: self.kind_of(inst),
             ..Default::default()
         };
-        self.node_call(node_id, NODE_CALL_TIMEOUT, |mut c| async move {
+        self.node_call(&inst.node_id, NODE_CALL_TIMEOUT, |mut c| async move {
             c.deprovision(req).await
         })
         .await
         .map(|_| ())
     }
 
-    async fn node_bind(&self, node_id: &str, req: BindRequest) -> Result<(), Error> {
-        self.node_call(node_id, NODE_CALL_TIMEOUT, |mut c| async move {
+    async fn node_bind(&self, inst: &InstanceRow, mut req: BindRequest) -> Result<(), Error> {
+        req.kind = self.kind_of(inst);
+        self.node_call(&inst.node_id, NODE_CALL_TIMEOUT, |mut c| async move {
             c.bind(req).await
         })
         .await
         .map(|_| ())
     }
 
-    async fn node_unbind(&self, node_id: &str, req: UnbindRequest) -> Result<(), Error> {
-        self.node_call(node_id, NODE_CALL_TIMEOUT, |mut c| async move {
+    async fn node_unbind(&self, inst: &InstanceRow, mut req: UnbindRequest) -> Result<(), Error> {
+        req.kind = self.kind_of(inst);
+        self.node_call(&inst.node_id, NODE_CALL_TIMEOUT, |mut c| async move {
             c.unbind(req).await
         })
         .await
