@@ -236,8 +236,12 @@ impl Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        // Only our own failures are errors; a component being down or
+        // full (502/503) is a warning, a refused request is routine.
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(error = %self, "request failed");
+        } else if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), error = %self, "request not served");
         } else {
             tracing::info!(status = status.as_u16(), error = %self, "request refused");
         }
