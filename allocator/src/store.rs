@@ -19,9 +19,9 @@ use rusqlite::{Connection, OptionalExtension as _, Transaction, TransactionBehav
 
 use crate::Error;
 
-/// Longest pool, owner or kind accepted, in bytes. Generous for UUIDs and
-/// node names while keeping rows and log lines small.
-pub const MAX_NAME_LEN: usize = 200;
+/// Longest pool, owner or kind accepted, in bytes: owners are OSB instance
+/// and binding ids, which the gateway accepts up to 255 characters.
+pub const MAX_NAME_LEN: usize = 255;
 
 /// The schema this build writes, stored in `PRAGMA user_version`.
 const SCHEMA_VERSION: i32 = 1;
@@ -728,8 +728,8 @@ mod tests {
             msg(validate_name("owner", "a\nb")),
             "owner contains a control character"
         );
-        assert!(msg(validate_name("owner", &"x".repeat(201))).contains("at most 200"));
-        assert!(validate_name("owner", &"x".repeat(200)).is_ok());
+        assert!(msg(validate_name("owner", &"x".repeat(256))).contains("at most 255"));
+        assert!(validate_name("owner", &"x".repeat(255)).is_ok());
         assert!(PortRange::new(0, 10).is_err());
         assert!(PortRange::new(10, 65536).is_err());
         assert!(PortRange::new(11, 10).is_err());
