@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The one test command (README, .ci/run): installs the system packages the
-# integration tests start for real (redis-server, ...) when they are missing,
-# builds every binary (the tests run `target/<profile>/gateway` as a child
-# process), runs the whole test suite, then the format and lint checks.
+# The one test command (README, .ci/run): makes sure the system services the
+# integration tests use for real are there (redis-server, memcached,
+# PostgreSQL), builds every binary (the tests run `target/<profile>/gateway`
+# and `svcbroker` as child processes), runs the whole test suite, then the
+# format and lint checks.
 #
 # Every check runs even when an earlier one failed, so one run shows every
 # problem; the exit status is non-zero when any of them failed.
@@ -12,43 +13,14 @@ cd "$(dirname "$0")/.."
 
 log() { printf '\n==> %s\n' "$*" >&2; }
 
-# Packages the tests need, as "command:debian-package" pairs.
-REQUIRED=(
-  "redis-server:redis-server"
-  "memcached:memcached"
-)
-
-install_missing() {
-  local missing=() pair
-  for pair in "${REQUIRED[@]}"; do
-    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
-  done
-  if [ "${#missing[@]}" -eq 0 ]; then
-    return 0
-  fi
-  if ! command -v apt-get >/dev/null 2>&1; then
-    echo "missing packages ${missing[*]} and no apt-get: install them by hand" >&2
-    return 1
-  fi
-  local sudo=()
-  if [ "$(id -u)" -ne 0 ]; then
-    if ! command -v sudo >/dev/null 2>&1; then
-      echo "missing packages ${missing[*]}: run as root or install sudo" >&2
-      return 1
-    fi
-    sudo=(sudo)
-  fi
-  log "installing ${missing[*]}"
-  # One index update, only because something has to be installed.
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-      apt-get install -y -qq --no-install-recommends "${missing[@]}"
-}
-
 failed=()
 
-log "checking system packages"
-install_missing || { echo "cannot install the packages the tests need" >&2; exit 1; }
+log "scripts/ensure-postgres.sh (redis-server, memcached, python3, PostgreSQL)"
+# One script owns what the tests need on the machine: it installs what is
+# missing (one apt-get update, only then) and starts PostgreSQL on
+# 127.0.0.1:5432; it prints the admin URL the database tests use.
+pg_url=$(scripts/ensure-postgres.sh) || { echo "cannot set up the test services" >&2; exit 1; }
+export SVCBROKER_TEST_POSTGRES_URL="${SVCBROKER_TEST_POSTGRES_URL:-$pg_url}"
 
 log "cargo build --workspace --bins"
 # The tests locate target/<profile>/{gateway,...} next to their own binary;

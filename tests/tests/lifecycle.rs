@@ -490,3 +490,62 @@ async fn failed_provision_is_reported_and_releases_everything() {
     let left: Value = stack.allocations(Some(&id2)).await.leases.len().into();
     assert_eq!(left, json!(0));
 }
+
+/// A service whose program this host lacks (the seed's Elasticsearch on a
+/// node without it).
+const MISSING_EXECUTABLE_YAML: &str = r#"
+id: 0d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d1
+name: no-such-daemon
+description: needs a program no host has (tests only)
+model: process
+process:
+  command: [svcbroker-test-no-such-daemon, --port, "{{port}}"]
+credentials:
+  port: "{{port}}"
+plans:
+  - id: 0d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d2
+    name: default
+    description: the only plan
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn services_without_their_executables_are_not_offered() {
+    let stack = Stack::start(
+        StackOptions::default().service("no-such-daemon.yaml", MISSING_EXECUTABLE_YAML),
+    )
+    .await;
+    let info = stack
+        .node_agent()
+        .await
+        .describe(svcbroker_proto::v1::DescribeRequest {})
+        .await
+        .expect("Describe")
+        .into_inner();
+    assert!(
+        info.services.iter().any(|s| s == "redis"),
+        "{:?}",
+        info.services
+    );
+    assert!(
+        !info.services.iter().any(|s| s == "no-such-daemon"),
+        "offered without its executable: {:?}",
+        info.services
+    );
+
+    // No node can take it: a retryable 503 with an error body, and nothing
+    // is left behind.
+    let before = stack.snapshot().await;
+    let id = new_id();
+    let body = provision_body(
+        "0d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d1",
+        "0d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d2",
+        json!({}),
+    );
+    for accepts_incomplete in [false, true] {
+        let r = stack.osb.provision(&id, &body, accepts_incomplete).await;
+        svcbroker_tests::assert_error(&r, 503, None);
+        assert!(r.header("retry-after").is_some(), "503 without Retry-After");
+    }
+    assert_eq!(stack.snapshot().await, before);
+    stack.osb.get_instance(&id).await.expect(404);
+}

@@ -98,14 +98,16 @@ fn start_up(data_dir: &Path, ports: &PortBlock, env: &[(&str, &str)]) -> Up {
     }
 }
 
-fn stop(mut up: Up) -> std::process::ExitStatus {
-    kill(Pid::from_raw(up.child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+/// Sends `signal` (SIGTERM from a service manager, SIGINT from Ctrl-C) and
+/// waits for `svcbroker up` to exit.
+fn stop(mut up: Up, signal: Signal) -> std::process::ExitStatus {
+    kill(Pid::from_raw(up.child.id() as i32), signal).expect("signal svcbroker up");
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         if let Some(status) = up.child.try_wait().expect("wait") {
             return status;
         }
-        assert!(Instant::now() < deadline, "svcbroker up ignored SIGTERM");
+        assert!(Instant::now() < deadline, "svcbroker up ignored {signal}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -202,7 +204,7 @@ async fn up_serves_the_shipped_services_and_stops_cleanly() {
     let node_dir = data.join("node");
     assert_eq!(procs::processes_under(&node_dir).len(), 1);
 
-    let status = stop(up);
+    let status = stop(up, Signal::SIGTERM);
     assert!(status.success(), "svcbroker up exit status {status}");
     assert!(
         procs::processes_under(&node_dir).is_empty(),
@@ -218,7 +220,7 @@ async fn up_serves_the_shipped_services_and_stops_cleanly() {
         .catalog()
         .await
         .expect(200);
-    assert!(stop(again).success());
+    assert!(stop(again, Signal::SIGINT).success());
 
     let env_pw = "from-the-environment-1234";
     let third = start_up(
@@ -242,7 +244,7 @@ async fn up_serves_the_shipped_services_and_stops_cleanly() {
         .catalog()
         .await
         .expect(401);
-    assert!(stop(third).success());
+    assert!(stop(third, Signal::SIGTERM).success());
 }
 
 #[test]
