@@ -97,11 +97,16 @@ fn load_candidates(services_dir: &Path) -> Result<Vec<Candidate>, String> {
         .collect())
 }
 
-/// The engine a database service needs. Written against the svcdef API that
-/// is landing (`ServiceDef::database_engine()`); until it has, the model name
-/// says "database" and PostgreSQL is the only engine there is.
+/// The engine a database service needs (`None` for other models).
 fn database_engine(s: &svcbroker_svcdef::ServiceDef) -> Option<String> {
-    (s.model.as_str() == "database").then(|| "postgresql".to_owned())
+    match s.model {
+        svcbroker_svcdef::Model::Database => {
+            // svcdef refuses a database service without an engine at load
+            // time; "postgresql" keeps the offer safe if that ever changes.
+            Some(s.database_engine().unwrap_or("postgresql").to_owned())
+        }
+        _ => None,
+    }
 }
 
 /// Finds `program` the way `execvp` would: an absolute path must be an

@@ -195,3 +195,32 @@ fn binary_exits_64_on_invalid_config() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen_addr"));
 }
+
+#[tokio::test]
+async fn describe_reports_bind_host() {
+    let sb = Sandbox::new();
+    let node = TestNode::start(sb.config()).await;
+    let info = node
+        .client
+        .clone()
+        .describe(DescribeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.bind_host, "127.0.0.1");
+    assert!(info.attributes.is_empty());
+    node.stop().await;
+
+    let mut cfg = sb.config();
+    cfg.bind_host = "0.0.0.0".into();
+    let node = TestNode::start(cfg).await;
+    let info = node
+        .client
+        .clone()
+        .describe(DescribeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.bind_host, "0.0.0.0");
+    node.stop().await;
+}

@@ -73,6 +73,21 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
+        // Directory instances may be loop-mounted inside: a failed test must
+        // not leave mounts (the temp dir could not be removed either).
+        let root = std::fs::canonicalize(self.root.path()).unwrap_or(self.root.path().to_owned());
+        if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
+            for line in info.lines().rev() {
+                if let Some(point) = line.split(' ').nth(4)
+                    && Path::new(point).starts_with(&root)
+                {
+                    let _ = std::process::Command::new("umount")
+                        .arg("-l")
+                        .arg(point)
+                        .status();
+                }
+            }
+        }
         // Kill the groups of everything running in the sandbox, so that a
         // failed test leaves no daemon behind.
         for pid in self.live_pids() {
@@ -299,4 +314,199 @@ pub fn state(i: &InstanceStatus) -> InstanceState {
 /// Path of an instance directory.
 pub fn instance_dir(data_dir: &Path, id: &str) -> PathBuf {
     data_dir.join(id)
+}
+
+/// The PostgreSQL admin URL the database tests use.
+pub fn pg_url() -> String {
+    std::env::var("SVCBROKER_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// Connects to `url` (admin URL with another database/user/password
+/// swapped in by the caller), returning the error instead of panicking.
+pub async fn pg_connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// An admin connection to the test server; fails the test (never skips)
+/// with the fix when the server is not there.
+pub async fn pg_admin() -> tokio_postgres::Client {
+    let url = pg_url();
+    match pg_connect(&url).await {
+        Ok(c) => c,
+        Err(e) => panic!(
+            "PostgreSQL is not reachable at {url} ({e}): run scripts/ensure-postgres.sh \
+             (or set SVCBROKER_TEST_POSTGRES_URL) before these tests"
+        ),
+    }
+}
+
+/// `postgres://user:password@host:port/db` on the test server.
+pub fn pg_user_url(user: &str, password: &str, db: &str) -> String {
+    let cfg: tokio_postgres::Config = pg_url().parse().unwrap();
+    let host = match &cfg.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        #[allow(unreachable_patterns)]
+        _ => "127.0.0.1".to_owned(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    format!("postgres://{user}:{password}@{host}:{port}/{db}")
+}
+
+/// A name no other test (or concurrent test run) uses: `<prefix>_<pid>_<n>`.
+pub fn unique_name(prefix: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{prefix}_{}_{n}_{}", std::process::id(), nanos % 100_000)
+}
+
+/// One request an [`HttpRecorder`] received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    /// Header names lowercased.
+    pub headers: HashMap<String, String>,
+    pub body: String,
+}
+
+/// A tiny HTTP/1.1 server on 127.0.0.1:0 that records every request and
+/// answers with what `respond(method, path)` returns (status, body).
+pub struct HttpRecorder {
+    pub addr: std::net::SocketAddr,
+    pub seen: std::sync::Arc<std::sync::Mutex<Vec<Recorded>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for HttpRecorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl HttpRecorder {
+    pub async fn start(
+        respond: impl Fn(&str, &str) -> (u16, String) + Send + Sync + 'static,
+    ) -> HttpRecorder {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let respond = std::sync::Arc::new(respond);
+        let s = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (seen, respond) = (s.clone(), respond.clone());
+                tokio::spawn(async move {
+                    let mut stream = BufReader::new(stream);
+                    // Keep-alive: serve requests until the client closes.
+                    loop {
+                        let mut line = String::new();
+                        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let mut parts = line.split_whitespace();
+                        let method = parts.next().unwrap_or("").to_owned();
+                        let path = parts.next().unwrap_or("").to_owned();
+                        let mut headers = HashMap::new();
+                        loop {
+                            let mut h = String::new();
+                            if stream.read_line(&mut h).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            let h = h.trim_end();
+                            if h.is_empty() {
+                                break;
+                            }
+                            if let Some((k, v)) = h.split_once(':') {
+                                headers.insert(k.trim().to_lowercase(), v.trim().to_owned());
+                            }
+                        }
+                        let len: usize = headers
+                            .get("content-length")
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        let mut body = vec![0u8; len];
+                        use tokio::io::AsyncReadExt;
+                        if stream.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        let (status, reply) = respond(&method, &path);
+                        seen.lock().unwrap().push(Recorded {
+                            method,
+                            path,
+                            headers,
+                            body: String::from_utf8_lossy(&body).into_owned(),
+                        });
+                        let resp = format!(
+                            "HTTP/1.1 {status} X\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\r\n{reply}",
+                            reply.len()
+                        );
+                        if stream.get_mut().write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        HttpRecorder { addr, seen, task }
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// A hook that runs `argv` with `env` and `stdin`.
+pub fn command_hook(argv: &[&str], env: &[(&str, &str)], stdin: &str) -> svcbroker_proto::v1::Hook {
+    svcbroker_proto::v1::Hook {
+        action: Some(svcbroker_proto::v1::hook::Action::Command(
+            svcbroker_proto::v1::CommandHook {
+                argv: argv.iter().map(|s| s.to_string()).collect(),
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                stdin: stdin.to_owned(),
+                timeout_ms: 0,
+            },
+        )),
+    }
+}
+
+/// An HTTP hook.
+pub fn http_hook(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+    accept: &[u32],
+) -> svcbroker_proto::v1::Hook {
+    svcbroker_proto::v1::Hook {
+        action: Some(svcbroker_proto::v1::hook::Action::Http(
+            svcbroker_proto::v1::HttpHook {
+                method: method.to_owned(),
+                url: url.to_owned(),
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                body: body.to_owned(),
+                timeout_ms: 5000,
+                accept_status: accept.to_vec(),
+            },
+        )),
+    }
 }
