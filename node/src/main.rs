@@ -20,7 +20,7 @@ struct Args {
     /// gRPC listen address (overrides `listen`).
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Node id (overrides `node_id`).
+    /// Node id (overrides `node_id`); "auto" means the host name.
     #[arg(long)]
     node_id: Option<String>,
     /// Instance data directory (overrides `data_dir`).
@@ -32,6 +32,9 @@ struct Args {
     /// gRPC URL of the gateway's Registry (overrides `gateway_url`).
     #[arg(long)]
     gateway_grpc: Option<String>,
+    /// Address instance daemons listen on (overrides `bind_host`).
+    #[arg(long)]
+    bind_host: Option<String>,
 }
 
 fn load(args: Args) -> Result<svcbroker_node::Config, svcbroker_node::ConfigError> {
@@ -50,6 +53,9 @@ fn load(args: Args) -> Result<svcbroker_node::Config, svcbroker_node::ConfigErro
     }
     if let Some(v) = args.gateway_grpc {
         config.gateway_url = Some(v);
+    }
+    if let Some(v) = args.bind_host {
+        config.bind_host = v;
     }
     config.finish()?;
     Ok(config)

@@ -208,6 +208,11 @@ impl Node {
         self.config.port_range.contains(port)
     }
 
+    /// Where readiness probes connect, from `bind_host`.
+    fn probe(&self) -> std::net::IpAddr {
+        process::probe_ip(&self.config.bind_host)
+    }
+
     fn grace(&self) -> Duration {
         Duration::from_millis(self.config.stop_grace_ms)
     }
@@ -567,6 +572,7 @@ impl Node {
         supervisor::Params {
             dir: dir.to_owned(),
             port: m.port,
+            probe: self.probe(),
             grace: self.grace(),
             ready_default: self.ready_default(),
             meta: m,
@@ -630,7 +636,10 @@ impl Node {
             // Its daemon from before a node restart may still run (it was
             // not ready when the node scanned at start): never run two.
             if m.kind == Kind::Process.as_str() && procfs::is_our_leader(m.pid, m.start_time) {
-                if m.port == p.port && m.spec_hash == hash && process::port_accepts(p.port).await {
+                if m.port == p.port
+                    && m.spec_hash == hash
+                    && process::port_accepts(self.probe(), p.port).await
+                {
                     let mut m = m;
                     m.plan = p.plan.clone();
                     let (pid, start_time) = (m.pid, m.start_time);
@@ -654,7 +663,7 @@ impl Node {
         }
         // If something already listens there, the readiness probe would
         // report our daemon ready while it fails to bind.
-        if process::port_accepts(p.port).await {
+        if process::port_accepts(self.probe(), p.port).await {
             cleanup();
             return Err(Error::Conflict(format!(
                 "port {} already accepts connections on this host",
@@ -693,7 +702,7 @@ impl Node {
             return Err(e);
         }
         let timeout = run.ready_timeout(self.ready_default());
-        match process::wait_ready(&mut spawned.child, p.port, timeout).await {
+        match process::wait_ready(&mut spawned.child, self.probe(), p.port, timeout).await {
             Readiness::Accepting => {
                 tracing::info!(instance_id = %id, service = %p.service, port = p.port, pid, "instance started");
                 let sup = Supervisor::start_owned(self.params(&dir, m), run.clone(), spawned);
@@ -850,7 +859,8 @@ impl Node {
             {
                 continue;
             }
-            if !(procfs::is_our_leader(m.pid, m.start_time) && process::port_accepts(m.port).await)
+            if !(procfs::is_our_leader(m.pid, m.start_time)
+                && process::port_accepts(self.probe(), m.port).await)
             {
                 tracing::info!(instance_id = %id, "daemon not running; directory kept for re-provisioning");
                 continue;

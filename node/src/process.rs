@@ -2,6 +2,7 @@
 //! stopping its process group.
 
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
@@ -134,17 +135,23 @@ pub(crate) fn scrub_node_env(cmd: &mut std::process::Command) {
     }
 }
 
-/// Returns true when `127.0.0.1:<port>` accepts a TCP connection.
-pub(crate) async fn port_accepts(port: u32) -> bool {
+/// The address readiness probes connect to for daemons told to listen on
+/// `bind_host`: a specific address is probed there (the daemon listens on
+/// nothing else); a wildcard or a host name is probed on 127.0.0.1.
+pub(crate) fn probe_ip(bind_host: &str) -> IpAddr {
+    match bind_host.trim_matches(['[', ']']).parse::<IpAddr>() {
+        Ok(ip) if !ip.is_unspecified() => ip,
+        _ => IpAddr::from([127, 0, 0, 1]),
+    }
+}
+
+/// Returns true when `<host>:<port>` accepts a TCP connection.
+pub(crate) async fn port_accepts(host: IpAddr, port: u32) -> bool {
     let Ok(port) = u16::try_from(port) else {
         return false;
     };
     matches!(
-        tokio::time::timeout(
-            Duration::from_millis(500),
-            TcpStream::connect(("127.0.0.1", port))
-        )
-        .await,
+        tokio::time::timeout(Duration::from_millis(500), TcpStream::connect((host, port))).await,
         Ok(Ok(_))
     )
 }
@@ -161,7 +168,12 @@ pub(crate) enum Readiness {
 
 /// Waits until the daemon's port accepts connections, it exits, or
 /// `timeout` passes.
-pub(crate) async fn wait_ready(child: &mut Child, port: u32, timeout: Duration) -> Readiness {
+pub(crate) async fn wait_ready(
+    child: &mut Child,
+    host: IpAddr,
+    port: u32,
+    timeout: Duration,
+) -> Readiness {
     let deadline = Instant::now() + timeout;
     // Start polling fast: most daemons listen within milliseconds.
     let mut poll = Duration::from_millis(20);
@@ -177,7 +189,7 @@ pub(crate) async fn wait_ready(child: &mut Child, port: u32, timeout: Duration) 
             }
             _ = tokio::time::sleep(poll) => {}
         }
-        if port_accepts(port).await {
+        if port_accepts(host, port).await {
             // Something answered: make sure it is not a stranger on a port
             // our daemon failed to bind.
             if let Ok(Some(s)) = child.try_wait() {
@@ -238,6 +250,16 @@ pub(crate) fn stderr_tail(dir: &Path, offset: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn probes_specific_bind_addresses_only() {
+        assert_eq!(probe_ip("127.0.0.1").to_string(), "127.0.0.1");
+        assert_eq!(probe_ip("0.0.0.0").to_string(), "127.0.0.1");
+        assert_eq!(probe_ip("::").to_string(), "127.0.0.1");
+        assert_eq!(probe_ip("10.1.2.3").to_string(), "10.1.2.3");
+        assert_eq!(probe_ip("[::1]").to_string(), "::1");
+        assert_eq!(probe_ip("localhost").to_string(), "127.0.0.1");
+    }
 
     #[test]
     fn tail_is_bounded() {

@@ -39,6 +39,8 @@ pub(crate) struct ProcStatus {
 pub(crate) struct Params {
     pub dir: PathBuf,
     pub port: u32,
+    /// Where the readiness probe connects (see [`process::probe_ip`]).
+    pub probe: std::net::IpAddr,
     pub grace: Duration,
     pub ready_default: Duration,
     /// Rewritten with the new pid and start time at each restart.
@@ -265,7 +267,7 @@ impl Supervisor {
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Option<Current>, String> {
         let port = self.params.port;
-        if process::port_accepts(port).await {
+        if process::port_accepts(self.params.probe, port).await {
             return Err(format!("port {port} is taken by another process"));
         }
         let mut spawned = process::spawn(&self.params.dir, spec)?;
@@ -281,7 +283,7 @@ impl Supervisor {
         self.set(pid, InstanceState::Restarting, "waiting for the port");
         let timeout = spec.ready_timeout(self.params.ready_default);
         let ready = tokio::select! {
-            r = process::wait_ready(&mut spawned.child, port, timeout) => r,
+            r = process::wait_ready(&mut spawned.child, self.params.probe, port, timeout) => r,
             _ = stopped(stop) => {
                 process::terminate_child(&mut spawned.child, pid as i32, self.params.grace).await;
                 self.set(0, InstanceState::Unspecified, "stopped");
