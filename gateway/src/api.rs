@@ -20,14 +20,16 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Map, Value, json};
 use svcbroker_svcdef::{PlanDef, SchemaKind, ServiceDef, Template, Vars};
+
+use crate::catalog::Loaded;
 use tracing::Instrument;
 
 use crate::config::Config;
-use crate::engine::Engine;
+use crate::engine::{BindingAnswer, Engine};
 use crate::error::Error;
 use crate::store::{
-    Action, BindingState, CreateBinding, CreateInstance, InstanceState, NewBinding, NewInstance,
-    NewOperation, OpState, OperationRow, StartOp,
+    Action, BindingState, CreateBinding, CreateInstance, InstanceRow, InstanceState, NewBinding,
+    NewInstance, NewOperation, OpState, OperationRow, StartOp,
 };
 use crate::validate::{check_api_version, check_basic_auth, validate_id};
 
@@ -42,22 +44,13 @@ pub const REQUEST_IDENTITY_HEADER: HeaderName =
 pub struct AppState {
     engine: Arc<Engine>,
     config: Arc<Config>,
-    catalog_body: Bytes,
 }
 
 /// Builds the HTTP router: `/v2/...` behind basic auth and the API version
 /// check, `/healthz` open.
 pub fn router(engine: Arc<Engine>, config: Arc<Config>) -> Router {
-    // The catalog never changes while running: serialize it once.
-    let catalog_body = Bytes::from(
-        serde_json::to_vec(engine.catalog().osb_json()).unwrap_or_else(|_| b"{}".to_vec()),
-    );
     let limit = config.max_body_bytes;
-    let state = AppState {
-        engine,
-        config,
-        catalog_body,
-    };
+    let state = AppState { engine, config };
     let instance = "/v2/service_instances/{instance_id}";
     let binding = "/v2/service_instances/{instance_id}/service_bindings/{binding_id}";
     let v2 = Router::new()
@@ -147,7 +140,14 @@ async fn osb_guard(State(state): State<AppState>, req: Request, next: Next) -> R
 async fn healthz(State(state): State<AppState>) -> Response {
     let nodes = state.engine.registry().snapshot();
     let live = nodes.iter().filter(|(_, live)| *live).count();
-    Json(json!({ "status": "ok", "nodes": nodes.len(), "live_nodes": live })).into_response()
+    Json(json!({
+        "status": "ok",
+        "nodes": nodes.len(),
+        "live_nodes": live,
+        "services": state.engine.catalog().catalog().services().len(),
+        "reconcile": state.engine.reconcile_stats(),
+    }))
+    .into_response()
 }
 
 async fn not_found() -> Response {
@@ -155,12 +155,13 @@ async fn not_found() -> Response {
 }
 
 async fn catalog(State(state): State<AppState>) -> Response {
+    // Serialized once per (re)load, not per request.
     (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
-        state.catalog_body.clone(),
+        state.engine.catalog().body(),
     )
         .into_response()
 }
@@ -287,13 +288,11 @@ fn check_maintenance(plan: &PlanDef, requested: Option<&str>) -> Result<(), Erro
 }
 
 fn service_and_plan<'a>(
-    state: &'a AppState,
+    catalog: &'a Loaded,
     service_id: &str,
     plan_id: &str,
 ) -> Result<(&'a ServiceDef, &'a PlanDef), Error> {
-    let svc = state
-        .engine
-        .catalog()
+    let svc = catalog
         .service(service_id)
         .ok_or_else(|| Error::BadRequest(format!("unknown service_id '{service_id}'")))?;
     let plan = svc.plan(plan_id).ok_or_else(|| {
@@ -303,6 +302,22 @@ fn service_and_plan<'a>(
         ))
     })?;
     Ok((svc, plan))
+}
+
+/// Like [`service_and_plan`], but also finds the definition of a service or
+/// plan a reload removed (for requests on what exists already).
+fn existing_service_and_plan(
+    catalog: &Loaded,
+    service_id: &str,
+    plan_id: &str,
+) -> Result<(Arc<ServiceDef>, PlanDef), Error> {
+    if let Some(found) = catalog.existing(service_id, plan_id) {
+        return Ok(found);
+    }
+    service_and_plan(catalog, service_id, plan_id)?;
+    Err(Error::Internal(format!(
+        "plan '{plan_id}' of service '{service_id}' not found"
+    )))
 }
 
 fn validate_params(plan: &PlanDef, kind: SchemaKind, params: &Value) -> Result<(), Error> {
@@ -434,7 +449,10 @@ async fn provision(
     let space_guid = opt_str(&body, "space_guid")?;
     let parameters = opt_obj(&body, "parameters")?.unwrap_or_else(|| json!({}));
     let requested_mv = maintenance_version(&body)?;
-    let (svc, plan) = service_and_plan(&state, &service_id, &plan_id)?;
+    // Only the current catalog: a service a reload removed takes no new
+    // instances.
+    let catalog = state.engine.catalog();
+    let (svc, plan) = service_and_plan(&catalog, &service_id, &plan_id)?;
     check_maintenance(plan, requested_mv.as_deref())?;
     validate_params(plan, SchemaKind::InstanceCreate, &parameters)?;
     check_template_values(plan, &parameters)?;
@@ -449,6 +467,8 @@ async fn provision(
         organization_guid,
         space_guid,
         maintenance_version: plan.maintenance_info.as_ref().map(|m| m.version.clone()),
+        kind: svc.model.as_str().to_owned(),
+        database: Some(NewInstance::generate_database_name()),
     };
     let op = NewOperation::fresh(deadline_ms(&state, plan), json!({}));
     let candidates = state.engine.registry().candidates(&svc.name);
@@ -567,24 +587,67 @@ async fn get_instance(
     let mut body = Map::new();
     body.insert("service_id".into(), json!(inst.service_id));
     body.insert("plan_id".into(), json!(inst.plan_id));
-    body.insert("parameters".into(), inst.parameters);
-    if let Some(v) = inst.maintenance_version {
+    body.insert("parameters".into(), inst.parameters.clone());
+    if let Some(v) = &inst.maintenance_version {
         let mut mi = Map::new();
         mi.insert("version".into(), json!(v));
         if let Some(d) = state
             .engine
             .catalog()
-            .service(&inst.service_id)
-            .and_then(|s| s.plan(&inst.plan_id))
-            .and_then(|p| p.maintenance_info.as_ref())
-            .filter(|m| m.version == v)
-            .and_then(|m| m.description.clone())
+            .existing(&inst.service_id, &inst.plan_id)
+            .and_then(|(_, p)| p.maintenance_info)
+            .filter(|m| &m.version == v)
+            .and_then(|m| m.description)
         {
             mi.insert("description".into(), json!(d));
         }
         body.insert("maintenance_info".into(), Value::Object(mi));
     }
+    body.insert(
+        "metadata".into(),
+        json!({ "attributes": instance_attributes(&inst) }),
+    );
     Ok(reply(StatusCode::OK, Value::Object(body)))
+}
+
+/// OSB 2.17 instance metadata attributes: where the instance runs and what
+/// the reconciler last saw of it there (e.g. `observed_state: failed` for a
+/// daemon its node gave up on).
+fn instance_attributes(inst: &InstanceRow) -> Value {
+    let mut a = Map::new();
+    a.insert("node_id".into(), json!(inst.node_id));
+    if let Some(o) = &inst.observed {
+        a.insert("observed_state".into(), json!(o.state));
+        if !o.message.is_empty() {
+            a.insert("observed_message".into(), json!(o.message));
+        }
+        a.insert("observed_at".into(), json!(rfc3339_ms(o.at)));
+    }
+    Value::Object(a)
+}
+
+/// Formats milliseconds since the epoch as `yyyy-mm-ddThh:mm:ss.sssZ` (UTC).
+fn rfc3339_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 async fn update(
@@ -604,9 +667,8 @@ async fn update(
     let parameters = opt_obj(&body, "parameters")?;
     let requested_mv = maintenance_version(&body)?;
     opt_obj(&body, "previous_values")?;
-    let svc = state
-        .engine
-        .catalog()
+    let catalog = state.engine.catalog();
+    let svc = catalog
         .service(&service_id)
         .ok_or_else(|| Error::BadRequest(format!("unknown service_id '{service_id}'")))?;
     if let Some(p) = &plan_id {
@@ -743,8 +805,29 @@ async fn deprovision(
     let service_id = required_query(&q, "service_id")?;
     let plan_id = required_query(&q, "plan_id")?;
     let accepts = accepts_incomplete(&q)?;
-    let (svc, _) = service_and_plan(&state, service_id, plan_id)?;
-    let Some(view) = state.engine.store().get_instance(&instance_id).await? else {
+    let catalog = state.engine.catalog();
+    let view = state.engine.store().get_instance(&instance_id).await?;
+    // A service or plan a reload removed still names its instances: they
+    // can be deleted with the definition they were made from, or (after a
+    // restart) with what their record says.
+    let def = catalog.existing(service_id, plan_id);
+    if def.is_none() {
+        if let Some(svc) = catalog.service(service_id) {
+            return Err(Error::BadRequest(format!(
+                "plan_id '{plan_id}' is not a plan of service '{}'",
+                svc.name
+            )));
+        }
+        if view
+            .as_ref()
+            .is_none_or(|v| v.instance.service_id != service_id)
+        {
+            return Err(Error::BadRequest(format!(
+                "unknown service_id '{service_id}'"
+            )));
+        }
+    }
+    let Some(view) = view else {
         return Err(Error::Gone(format!(
             "service instance '{instance_id}' does not exist"
         )));
@@ -754,29 +837,33 @@ async fn deprovision(
             "service_id '{service_id}' is not the service of instance '{instance_id}'"
         )));
     }
-    async_required(svc, accepts)?;
+    if let Some((svc, _)) = &def {
+        async_required(svc, accepts)?;
+    }
     if let Some(active) = view
         .last_op
         .as_ref()
         .filter(|o| o.state == OpState::InProgress)
     {
-        if active.action == Action::Deprovision {
-            return answer_op(&state, active, accepts, StatusCode::OK).await;
+        match active.action {
+            Action::Deprovision => return answer_op(&state, active, accepts, StatusCode::OK).await,
+            // Halted by the deprovision (spec: "the net effect of halting
+            // the current creation process").
+            Action::Provision => {}
+            _ => {
+                return Err(Error::Concurrency(format!(
+                    "another operation ({}) on service instance '{instance_id}' is in progress",
+                    active.action
+                )));
+            }
         }
-        return Err(Error::Concurrency(format!(
-            "another operation ({}) on service instance '{instance_id}' is in progress",
-            active.action
-        )));
     }
-    let plan = svc
-        .plan(&view.instance.plan_id)
-        .or_else(|| svc.plan(plan_id));
-    let deadline = plan.map_or_else(
+    let deadline = def.as_ref().map_or_else(
         || {
             i64::try_from(state.config.default_max_polling_duration_s * 1000)
                 .unwrap_or(i64::MAX / 2)
         },
-        |p| deadline_ms(&state, p),
+        |(_, p)| deadline_ms(&state, p),
     );
     let op = NewOperation::fresh(deadline, json!({}));
     match state
@@ -857,7 +944,9 @@ async fn bind(
             "binding rotation (predecessor_binding_id) is not supported by this broker".into(),
         ));
     }
-    let (svc, plan) = service_and_plan(&state, &service_id, &plan_id)?;
+    let catalog = state.engine.catalog();
+    let (svc, plan) = existing_service_and_plan(&catalog, &service_id, &plan_id)?;
+    let plan = &plan;
     if !plan.bindable {
         return Err(Error::BadRequest(format!(
             "plan '{}' of service '{}' is not bindable",
@@ -935,8 +1024,8 @@ async fn bind(
     }
     match b.state {
         BindingState::Ready => {
-            let credentials = credentials_of(&state, &instance_id, &binding_id).await?;
-            Ok(reply(StatusCode::OK, json!({ "credentials": credentials })))
+            let answer = answer_of(&state, &instance_id, &binding_id).await?;
+            Ok(reply(StatusCode::OK, binding_body(answer, None)))
         }
         BindingState::Binding => {
             let op = existing
@@ -990,15 +1079,29 @@ async fn answer_bind(
         return Ok(accepted(op));
     }
     wait_sync(state, op).await?;
-    let credentials = credentials_of(state, instance_id, binding_id).await?;
-    Ok(reply(done_status, json!({ "credentials": credentials })))
+    let answer = answer_of(state, instance_id, binding_id).await?;
+    Ok(reply(done_status, binding_body(answer, None)))
 }
 
-async fn credentials_of(
+/// The body of a binding answer: `credentials`, `volume_mounts` when the
+/// service has them, and (for a fetch) `parameters`.
+fn binding_body(answer: BindingAnswer, parameters: Option<Value>) -> Value {
+    let mut body = Map::new();
+    body.insert("credentials".into(), Value::Object(answer.credentials));
+    if let Some(v) = answer.volume_mounts {
+        body.insert("volume_mounts".into(), json!(v));
+    }
+    if let Some(p) = parameters {
+        body.insert("parameters".into(), p);
+    }
+    Value::Object(body)
+}
+
+async fn answer_of(
     state: &AppState,
     instance_id: &str,
     binding_id: &str,
-) -> Result<Map<String, Value>, Error> {
+) -> Result<BindingAnswer, Error> {
     let store = state.engine.store();
     let inst = store
         .get_instance(instance_id)
@@ -1010,7 +1113,7 @@ async fn credentials_of(
         .await?
         .ok_or_else(|| Error::NotFound(format!("service binding '{binding_id}' does not exist")))?
         .binding;
-    state.engine.binding_credentials(&inst, &binding).await
+    state.engine.binding_answer(&inst, &binding).await
 }
 
 async fn get_binding(
@@ -1045,10 +1148,10 @@ async fn get_binding(
             )));
         }
     }
-    let credentials = credentials_of(&state, &instance_id, &binding_id).await?;
+    let answer = answer_of(&state, &instance_id, &binding_id).await?;
     Ok(reply(
         StatusCode::OK,
-        json!({ "credentials": credentials, "parameters": view.binding.parameters }),
+        binding_body(answer, Some(view.binding.parameters)),
     ))
 }
 
@@ -1064,15 +1167,28 @@ async fn unbind(
     let service_id = required_query(&q, "service_id")?;
     let plan_id = required_query(&q, "plan_id")?;
     let accepts = accepts_incomplete(&q)?;
-    let (_, plan) = service_and_plan(&state, service_id, plan_id)?;
+    let catalog = state.engine.catalog();
     let gone = || Error::Gone(format!("service binding '{binding_id}' does not exist"));
     let view = state
         .engine
         .store()
         .get_binding(&binding_id)
         .await?
-        .filter(|v| v.binding.instance_id == instance_id)
-        .ok_or_else(gone)?;
+        .filter(|v| v.binding.instance_id == instance_id);
+    // A binding of a service a reload removed can still be deleted.
+    let plan = match existing_service_and_plan(&catalog, service_id, plan_id) {
+        Ok((_, plan)) => Some(plan),
+        Err(_)
+            if catalog.service(service_id).is_none()
+                && view
+                    .as_ref()
+                    .is_some_and(|v| v.binding.service_id == service_id) =>
+        {
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let view = view.ok_or_else(gone)?;
     if view.binding.service_id != service_id {
         return Err(Error::BadRequest(format!(
             "service_id '{service_id}' is not the service of binding '{binding_id}'"
@@ -1090,7 +1206,14 @@ async fn unbind(
             "service binding '{binding_id}' is still being created"
         )));
     }
-    let op = NewOperation::fresh(deadline_ms(&state, plan), json!({}));
+    let deadline = plan.as_ref().map_or_else(
+        || {
+            i64::try_from(state.config.default_max_polling_duration_s * 1000)
+                .unwrap_or(i64::MAX / 2)
+        },
+        |p| deadline_ms(&state, p),
+    );
+    let op = NewOperation::fresh(deadline, json!({}));
     match state
         .engine
         .store()

@@ -59,6 +59,12 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Deadline of an operation whose plan sets no `maximum_polling_duration`.
     pub default_max_polling_duration_s: u64,
+    /// Time between two reconciliation passes, in which every live node's
+    /// `ListInstances` is compared with the desired state (default 30000).
+    pub reconcile_interval_ms: u64,
+    /// How long something on a node that no instance owns is left alone
+    /// before the reconciler removes it (default 300000).
+    pub orphan_grace_ms: u64,
 }
 
 impl Default for Config {
@@ -78,6 +84,8 @@ impl Default for Config {
             sync_timeout_ms: 60_000,
             max_body_bytes: 1024 * 1024,
             default_max_polling_duration_s: 900,
+            reconcile_interval_ms: 30_000,
+            orphan_grace_ms: 300_000,
         }
     }
 }
@@ -109,6 +117,8 @@ impl std::fmt::Debug for Config {
                 "default_max_polling_duration_s",
                 &self.default_max_polling_duration_s,
             )
+            .field("reconcile_interval_ms", &self.reconcile_interval_ms)
+            .field("orphan_grace_ms", &self.orphan_grace_ms)
             .finish()
     }
 }
@@ -158,6 +168,9 @@ impl Config {
         if self.default_max_polling_duration_s == 0 {
             return invalid("default_max_polling_duration_s", "must be greater than 0");
         }
+        if self.reconcile_interval_ms == 0 {
+            return invalid("reconcile_interval_ms", "must be greater than 0");
+        }
         Ok(())
     }
 
@@ -190,6 +203,14 @@ impl Config {
     /// Returns [`Config::announce_interval_ms`] as a duration.
     pub fn announce_interval(&self) -> Duration {
         Duration::from_millis(self.announce_interval_ms)
+    }
+
+    /// Returns the reconciler's settings.
+    pub fn reconcile_settings(&self) -> crate::engine::ReconcileSettings {
+        crate::engine::ReconcileSettings {
+            interval: Duration::from_millis(self.reconcile_interval_ms),
+            orphan_grace: Duration::from_millis(self.orphan_grace_ms),
+        }
     }
 
     /// Returns [`Config::sync_timeout_ms`] as a duration.

@@ -114,6 +114,10 @@ pub enum Error {
     /// at the next start.
     #[error("gateway is shutting down")]
     ShuttingDown,
+    /// A provision was halted by a deprovision request; the deprovision
+    /// undoes what it took.
+    #[error("halted by a deprovision request")]
+    Halted,
 }
 
 impl Error {
@@ -163,7 +167,9 @@ impl Error {
             | Error::Concurrency(_)
             | Error::MaintenanceInfoConflict(_)
             | Error::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Error::Unavailable { .. } | Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unavailable { .. } | Error::ShuttingDown | Error::Halted => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Error::Upstream {
                 code: tonic::Code::ResourceExhausted,
                 ..

@@ -11,19 +11,20 @@
 //! - [`engine`]: drives recorded operations with idempotent steps.
 //! - [`store`]: SQLite on a dedicated thread.
 //! - [`registry`]: live nodes, placement candidates, the Registry service.
+//! - [`catalog`]: the catalog behind a swappable pointer, reloaded on SIGHUP.
 //! - [`run`]: wires them together on two listeners until shutdown.
 
 use std::future::Future;
 use std::sync::Arc;
 
 use svcbroker_proto::v1::registry_server::RegistryServer;
-use svcbroker_svcdef::Catalog;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tonic::service::Routes;
 
 pub mod api;
+pub mod catalog;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -31,8 +32,9 @@ pub mod registry;
 pub mod store;
 pub mod validate;
 
+pub use catalog::{Catalogs, ReloadSummary, reload_catalog};
 pub use config::{Config, ConfigError, load_config};
-pub use engine::Engine;
+pub use engine::{Engine, ReconcileCounts, ReconcileSettings};
 pub use error::Error;
 pub use registry::{NodeRegistry, RegistryService};
 pub use store::Store;
@@ -42,9 +44,10 @@ pub const SERVICE_NAME: &str = "svcbroker.v1.Registry";
 
 /// Serves the OSB REST API on `http_listener` and `svcbroker.v1.Registry`
 /// (with health and reflection) on `grpc_listener`, plus the background
-/// workers (static node polling, reconciliation of restarted nodes, and the
-/// drivers of every operation, including those left `in progress` by an
-/// earlier run), until `shutdown` resolves.
+/// workers (static node polling, reconciliation every
+/// `reconcile_interval_ms` and at each node's new boot, catalog reload on
+/// SIGHUP, and the drivers of every operation, including those left
+/// `in progress` by an earlier run), until `shutdown` resolves.
 ///
 /// `config.http_listen` and `config.grpc_listen` are not used: the caller
 /// binds, so that tests can pass listeners on port 0. Fails at once when the
@@ -59,7 +62,7 @@ pub async fn run(
 ) -> Result<(), Error> {
     config.validate()?;
     config.require_credentials()?;
-    let catalog = Arc::new(Catalog::load_dir(&config.services_dir)?);
+    let catalogs = Arc::new(Catalogs::load(&config.services_dir)?);
     let store = Store::open(&config.db_path).await?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -75,9 +78,10 @@ pub async fn run(
     let (registry, boots) = NodeRegistry::new(config.node_timeout(), config.announce_interval());
     let engine = match Engine::new(
         store.clone(),
-        Arc::clone(&catalog),
+        Arc::clone(&catalogs),
         registry.clone(),
         &config.allocator_url,
+        config.reconcile_settings(),
         shutdown_rx.clone(),
     ) {
         Ok(e) => e,
@@ -94,7 +98,13 @@ pub async fn run(
         config.nodes.clone(),
         shutdown_rx.clone(),
     ));
-    workers.spawn(reconciler(Arc::clone(&engine), boots, shutdown_rx.clone()));
+    workers.spawn(reconciler(
+        Arc::clone(&engine),
+        boots,
+        config.reconcile_settings().interval,
+        shutdown_rx.clone(),
+    ));
+    workers.spawn(reload_on_sighup(Arc::clone(&catalogs), shutdown_rx.clone()));
     match engine.resume_all().await {
         Ok(0) => {}
         Ok(n) => tracing::info!(operations = n, "resumed operations left in progress"),
@@ -105,7 +115,7 @@ pub async fn run(
         http = %http_listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
         grpc = %grpc_listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
         db = %config.db_path.display(),
-        services = catalog.services().len(),
+        services = catalogs.snapshot().catalog().services().len(),
         "gateway serving"
     );
 
@@ -173,18 +183,52 @@ pub(crate) async fn signalled(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-/// Re-provisions the instances of every node that announces a new boot.
+/// Reconciles every live node each `interval`, and a node at once when it
+/// announces a new boot (it lost its memory of what it holds).
 async fn reconciler(
     engine: Arc<Engine>,
     mut boots: mpsc::UnboundedReceiver<registry::NewBoot>,
+    interval: std::time::Duration,
     shutdown: watch::Receiver<bool>,
 ) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             boot = boots.recv() => match boot {
-                Some(b) => engine.reconcile_node(&b.node_id).await,
+                Some(b) => engine.reconcile_node(&b.node_id, true).await,
                 None => return,
             },
+            _ = tick.tick() => engine.reconcile_all().await,
+            _ = crate::signalled(shutdown.clone()) => return,
+        }
+    }
+}
+
+/// Reloads the service definitions on every SIGHUP; a bad file keeps the
+/// old catalog (logged with file and line). Requests in flight keep the
+/// catalog they started with.
+async fn reload_on_sighup(catalogs: Arc<Catalogs>, shutdown: watch::Receiver<bool>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: no catalog reloads");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            got = hup.recv() => {
+                if got.is_none() {
+                    return;
+                }
+                tracing::info!(services_dir = %catalogs.dir().display(),
+                    "SIGHUP: reloading service definitions");
+                let c = Arc::clone(&catalogs);
+                // Reading files and compiling schemas blocks.
+                let _ = tokio::task::spawn_blocking(move || reload_catalog(&c)).await;
+            }
             _ = crate::signalled(shutdown.clone()) => return,
         }
     }

@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 use crate::error::Error;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE instances (
@@ -87,6 +87,27 @@ CREATE UNIQUE INDEX operations_one_per_binding ON operations (binding_id)
 CREATE INDEX operations_instance ON operations (instance_id, seq);
 CREATE INDEX operations_binding ON operations (binding_id, seq);
 ";
+
+/// Version 2: what the node models beyond `process` need to be told again
+/// without the catalog (kind, database name, bind host, node attributes),
+/// and what the reconciler last saw of the instance on its node.
+const SCHEMA_V2: &str = "
+ALTER TABLE instances ADD COLUMN kind TEXT;
+ALTER TABLE instances ADD COLUMN database_name TEXT;
+ALTER TABLE instances ADD COLUMN bind_host TEXT;
+ALTER TABLE instances ADD COLUMN node_attributes TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE instances ADD COLUMN observed_state TEXT;
+ALTER TABLE instances ADD COLUMN observed_message TEXT;
+ALTER TABLE instances ADD COLUMN observed_pid INTEGER;
+ALTER TABLE instances ADD COLUMN observed_at INTEGER;
+-- One database per instance: a name is never given out twice.
+CREATE UNIQUE INDEX instances_database ON instances (database_name)
+    WHERE database_name IS NOT NULL;
+";
+
+/// Description of a provision halted by a deprovision request.
+pub const HALTED_DESCRIPTION: &str =
+    "provision failed: halted by a deprovision request received while provisioning";
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -216,6 +237,49 @@ pub struct InstanceRow {
     pub created_at: i64,
     /// Milliseconds since the epoch.
     pub updated_at: i64,
+    /// Provisioning model at creation ("process", "database", ...), so that
+    /// the node can be told what to remove even after the service left the
+    /// catalog. `None` for instances recorded before schema version 2.
+    pub kind: Option<String>,
+    /// A unique name generated at creation (`^[a-z_][a-z0-9_]{0,62}$`): the
+    /// database of a `database` instance, the `{{database}}` of any other.
+    pub database: Option<String>,
+    /// The address the node's daemons listen on, recorded at placement.
+    pub bind_host: Option<String>,
+    /// The node's attributes (`{{node.KEY}}`), recorded at placement so that
+    /// credentials render without the node.
+    pub node_attributes: Value,
+    /// What the reconciler last saw of it on its node.
+    pub observed: Option<Observed>,
+}
+
+/// What the reconciler saw of an instance on its node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    /// "starting", "running", "restarting", "failed" or "missing".
+    pub state: String,
+    /// The node's detail (already scrubbed of secrets).
+    pub message: String,
+    /// Process id of its daemon (0 when none runs).
+    pub pid: u32,
+    /// When it was seen so (milliseconds since the epoch).
+    pub at: i64,
+}
+
+/// Where an instance landed: what its node said about itself when the
+/// instance was placed there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placement {
+    /// The leased port (0 for models without a daemon).
+    pub port: u32,
+    /// The node's advertised host.
+    pub host: String,
+    /// The instance directory on the node.
+    pub dir: String,
+    /// The address daemons listen on.
+    pub bind_host: String,
+    /// The node's attributes (a JSON object of strings).
+    pub attributes: Value,
 }
 
 /// A stored service binding.
@@ -294,6 +358,20 @@ pub struct NewInstance {
     pub space_guid: Option<String>,
     /// The plan's `maintenance_info.version`.
     pub maintenance_version: Option<String>,
+    /// The service's provisioning model.
+    pub kind: String,
+    /// A unique name (`^[a-z_][a-z0-9_]{0,62}$`), e.g. from
+    /// [`NewInstance::generate_database_name`].
+    pub database: Option<String>,
+}
+
+impl NewInstance {
+    /// Returns a fresh name for an instance's database: `db_` and 32 hex
+    /// digits, a valid unquoted PostgreSQL identifier that never clashes
+    /// with the server's own names.
+    pub fn generate_database_name() -> String {
+        format!("db_{}", uuid::Uuid::new_v4().simple())
+    }
 }
 
 /// What a new binding is made of.
@@ -386,7 +464,7 @@ pub enum CreateBinding {
     InstanceMissing,
     /// The instance is not in a state that can be bound (provisioning,
     /// failed, deprovisioning) or another instance operation runs.
-    InstanceBusy(InstanceView),
+    InstanceBusy(Box<InstanceView>),
 }
 
 /// Result of starting an operation on an existing instance or binding.
@@ -522,8 +600,9 @@ impl Store {
             let now = now_ms();
             let inserted = tx.execute(
                 "INSERT INTO instances (id, service_id, plan_id, node_id, parameters, context,
-                     organization_guid, space_guid, maintenance_version, state, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'provisioning', ?10, ?10)",
+                     organization_guid, space_guid, maintenance_version, state, created_at, updated_at,
+                     kind, database_name)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'provisioning', ?10, ?10, ?11, ?12)",
                 params![
                     new.id,
                     new.service_id,
@@ -534,7 +613,9 @@ impl Store {
                     new.organization_guid,
                     new.space_guid,
                     new.maintenance_version,
-                    now
+                    now,
+                    new.kind,
+                    new.database
                 ],
             );
             match inserted {
@@ -621,6 +702,21 @@ impl Store {
             if action == Action::Update && view.instance.state != InstanceState::Ready {
                 return Ok(StartOp::Busy(view.last_op));
             }
+            // OSB: a deprovision accepted during provisioning "MUST have the
+            // net effect of halting the current creation process". The
+            // provision ends `failed` in this transaction (so it can never
+            // also end `succeeded`); its driver stops at its next step and
+            // the deprovision undoes what it took.
+            if action == Action::Deprovision
+                && let Some(active) = active_instance_op(&tx, &instance_id)?
+                && active.action == Action::Provision
+            {
+                tx.execute(
+                    "UPDATE operations SET state = 'failed', description = ?2, updated_at = ?3
+                     WHERE id = ?1",
+                    params![active.id, HALTED_DESCRIPTION, now_ms()],
+                )?;
+            }
             let started = match insert_op(&tx, &op, &instance_id, None, action) {
                 Ok(op) => op,
                 Err(Error::Storage(e)) if is_constraint(&e) => {
@@ -685,7 +781,7 @@ impl Store {
                     .is_some_and(|o| o.state == OpState::InProgress);
             if instance_busy {
                 // Dropping the transaction rolls the binding back.
-                return Ok(CreateBinding::InstanceBusy(instance));
+                return Ok(CreateBinding::InstanceBusy(Box::new(instance)));
             }
             insert_op(&tx, &op, &new.instance_id, Some(&new.id), Action::Bind)?;
             let view = binding_view(&tx, &new.id)?
@@ -889,20 +985,47 @@ impl Store {
         .await
     }
 
-    /// Records where an instance landed: its port and the node's host and
-    /// instance directory.
+    /// Records where an instance landed: its port and what its node said
+    /// about itself (host, instance directory, bind host, attributes).
     pub async fn set_placement(
         &self,
         instance_id: &str,
-        port: u32,
-        host: &str,
-        dir: &str,
+        placement: Placement,
     ) -> Result<(), Error> {
-        let (id, host, dir) = (instance_id.to_owned(), host.to_owned(), dir.to_owned());
+        let id = instance_id.to_owned();
         self.call(move |conn| {
             conn.execute(
-                "UPDATE instances SET port = ?2, host = ?3, dir = ?4, updated_at = ?5 WHERE id = ?1",
-                params![id, port, host, dir, now_ms()],
+                "UPDATE instances SET port = ?2, host = ?3, dir = ?4, bind_host = ?5,
+                     node_attributes = ?6, updated_at = ?7 WHERE id = ?1",
+                params![
+                    id,
+                    placement.port,
+                    placement.host,
+                    placement.dir,
+                    placement.bind_host,
+                    placement.attributes.to_string(),
+                    now_ms()
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records what the reconciler saw of an instance on its node.
+    pub async fn set_observed(&self, instance_id: &str, observed: Observed) -> Result<(), Error> {
+        let id = instance_id.to_owned();
+        self.call(move |conn| {
+            conn.execute(
+                "UPDATE instances SET observed_state = ?2, observed_message = ?3,
+                     observed_pid = ?4, observed_at = ?5 WHERE id = ?1",
+                params![
+                    id,
+                    observed.state,
+                    observed.message,
+                    observed.pid,
+                    observed.at
+                ],
             )?;
             Ok(())
         })
@@ -1029,6 +1152,57 @@ impl Store {
         .await
     }
 
+    /// Returns every instance placed on `node_id`, each with whether an
+    /// operation (of the instance or one of its bindings) is in progress.
+    pub async fn instances_on_node(
+        &self,
+        node_id: &str,
+    ) -> Result<Vec<(InstanceRow, bool)>, Error> {
+        let node_id = node_id.to_owned();
+        self.call(move |conn| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {INSTANCE_COLUMNS}, EXISTS (SELECT 1 FROM operations o
+                     WHERE o.instance_id = i.id AND o.state = 'in progress')
+                 FROM instances i WHERE node_id = ?1 ORDER BY created_at, id"
+            ))?;
+            let rows = stmt.query_map([&node_id], |r| {
+                let busy: bool = r.get(23)?;
+                Ok(instance_from_row(r)?.map(|i| (i, busy)))
+            })?;
+            rows.map(|r| r?).collect()
+        })
+        .await
+    }
+
+    /// Returns the ready bindings of an instance.
+    pub async fn ready_bindings_of(&self, instance_id: &str) -> Result<Vec<BindingRow>, Error> {
+        let id = instance_id.to_owned();
+        self.call(move |conn| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {BINDING_COLUMNS} FROM bindings WHERE instance_id = ?1 AND state = 'ready'
+                 ORDER BY created_at, id"
+            ))?;
+            let rows = stmt.query_map([id], binding_from_row)?;
+            rows.map(|r| r?).collect()
+        })
+        .await
+    }
+
+    /// Returns true when an instance or a binding with this id exists (an
+    /// allocator owner that something still needs).
+    pub async fn owner_exists(&self, id: &str) -> Result<bool, Error> {
+        let id = id.to_owned();
+        self.call(move |conn| {
+            Ok(conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM instances WHERE id = ?1)
+                     OR EXISTS (SELECT 1 FROM bindings WHERE id = ?1)",
+                [id],
+                |r| r.get(0),
+            )?)
+        })
+        .await
+    }
+
     /// Returns how many instances the database places on each node.
     pub async fn instances_per_node(&self) -> Result<Vec<(String, u32)>, Error> {
         self.call(|conn| {
@@ -1075,6 +1249,11 @@ fn migrate(conn: &Connection) -> Result<(), Error> {
             "BEGIN IMMEDIATE; {SCHEMA_V1} PRAGMA user_version = 1; COMMIT;"
         ))?;
     }
+    if version < 2 {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {SCHEMA_V2} PRAGMA user_version = 2; COMMIT;"
+        ))?;
+    }
     Ok(())
 }
 
@@ -1083,7 +1262,9 @@ fn is_constraint(e: &rusqlite::Error) -> bool {
 }
 
 const INSTANCE_COLUMNS: &str = "id, service_id, plan_id, node_id, port, host, dir, parameters, \
-     context, organization_guid, space_guid, maintenance_version, state, created_at, updated_at";
+     context, organization_guid, space_guid, maintenance_version, state, created_at, updated_at, \
+     kind, database_name, bind_host, node_attributes, observed_state, observed_message, \
+     observed_pid, observed_at";
 const BINDING_COLUMNS: &str = "id, instance_id, service_id, plan_id, parameters, context, \
      bind_resource, state, created_at, updated_at";
 const OP_COLUMNS: &str = "id, instance_id, binding_id, action, state, description, step, target, \
@@ -1116,6 +1297,19 @@ fn instance_from_row(row: &Row<'_>) -> rusqlite::Result<Result<InstanceRow, Erro
         state,
         created_at: row.get(13)?,
         updated_at: row.get(14)?,
+        kind: row.get(15)?,
+        database: row.get(16)?,
+        bind_host: row.get(17)?,
+        node_attributes: json_col(row, 18)?,
+        observed: match row.get::<_, Option<String>>(19)? {
+            Some(state) => Some(Observed {
+                state,
+                message: row.get::<_, Option<String>>(20)?.unwrap_or_default(),
+                pid: row.get::<_, Option<u32>>(21)?.unwrap_or(0),
+                at: row.get::<_, Option<i64>>(22)?.unwrap_or(0),
+            }),
+            None => None,
+        },
     }))
 }
 

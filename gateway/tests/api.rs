@@ -463,18 +463,7 @@ async fn in_progress_answers_then_deadline_fails_and_releases() {
             .0,
         404
     );
-    let q = format!("service_id={SLOW_SERVICE}&plan_id={SLOW_PLAN}&accepts_incomplete=true");
-    let (status, v) = gw
-        .call(
-            Method::DELETE,
-            &format!("/v2/service_instances/s1?{q}"),
-            None,
-        )
-        .await;
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (422, Some("ConcurrencyError"))
-    );
+    // (A DELETE now would halt the provision: tests/tests/models.rs.)
     let (status, v) = gw
         .call(
             Method::PUT,

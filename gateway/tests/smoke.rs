@@ -177,21 +177,27 @@ async fn redis_lifecycle_through_real_allocator_and_node() {
     assert_eq!(status, 201, "{bound}");
     let creds = &bound["credentials"];
     for key in [
-        "host", "hostname", "port", "password", "uri", "name", "node_id",
+        "host", "hostname", "port", "username", "password", "uri", "name", "node_id",
     ] {
         assert!(creds.get(key).is_some(), "missing {key} in {creds}");
     }
     assert_eq!(creds["node_id"], "node-1");
     let port = creds["port"].as_u64().unwrap() as u16;
     assert!((base..=base + 9).contains(&port));
+    // Each binding is its own Redis ACL user.
+    let username = creds["username"].as_str().unwrap().to_owned();
     let password = creds["password"].as_str().unwrap().to_owned();
     assert_eq!(
         creds["uri"].as_str().unwrap(),
-        format!("redis://:{password}@127.0.0.1:{port}")
+        format!("redis://{username}:{password}@127.0.0.1:{port}")
     );
 
     // The credentials work; without them redis refuses.
-    let out = redis(port, &format!("AUTH {password}\r\nSET k v\r\nGET k\r\n")).await;
+    let out = redis(
+        port,
+        &format!("AUTH {username} {password}\r\nSET k v\r\nGET k\r\n"),
+    )
+    .await;
     assert!(out.starts_with("+OK\r\n+OK\r\n$1\r\nv\r\n"), "{out:?}");
     let out = redis(port, "GET k\r\n").await;
     assert!(out.starts_with("-NOAUTH"), "{out:?}");
@@ -216,6 +222,9 @@ async fn redis_lifecycle_through_real_allocator_and_node() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
+    // The binding's user is gone with it.
+    let out = redis(port, &format!("AUTH {username} {password}\r\n")).await;
+    assert!(out.starts_with("-WRONGPASS"), "{out:?}");
     let (status, _) = gw
         .call(
             Method::GET,
@@ -407,7 +416,12 @@ async fn operations_resume_after_restart_and_restarted_nodes_get_instances_back(
         .as_str()
         .unwrap()
         .to_owned();
-    let out = redis(port, &format!("AUTH {password}\r\nSET k kept\r\n")).await;
+    let username = bound["credentials"]["username"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let auth = format!("AUTH {username} {password}");
+    let out = redis(port, &format!("{auth}\r\nSET k kept\r\n")).await;
     assert!(out.starts_with("+OK\r\n+OK\r\n"), "{out:?}");
 
     // The node restarts (its daemons stop with it) on the same address:
@@ -427,7 +441,7 @@ async fn operations_resume_after_restart_and_restarted_nodes_get_instances_back(
             .await
             .is_ok()
         {
-            let out = redis(port, &format!("AUTH {password}\r\nGET k\r\n")).await;
+            let out = redis(port, &format!("{auth}\r\nGET k\r\n")).await;
             if out.starts_with("+OK\r\n$4\r\nkept\r\n") {
                 break;
             }

@@ -4,8 +4,9 @@
 use serde_json::json;
 use svcbroker_gateway::Error;
 use svcbroker_gateway::store::{
-    Action, BindingState, CreateBinding, CreateInstance, InstanceState, NewBinding, NewInstance,
-    NewOperation, NodeSlot, OpState, Outcome, StartOp, Store,
+    Action, BindingState, CreateBinding, CreateInstance, HALTED_DESCRIPTION, InstanceState,
+    NewBinding, NewInstance, NewOperation, NodeSlot, Observed, OpState, Outcome, Placement,
+    StartOp, Store,
 };
 
 fn instance(id: &str) -> NewInstance {
@@ -18,6 +19,8 @@ fn instance(id: &str) -> NewInstance {
         organization_guid: Some("org".into()),
         space_guid: Some("space".into()),
         maintenance_version: None,
+        kind: "process".into(),
+        database: Some(NewInstance::generate_database_name()),
     }
 }
 
@@ -163,7 +166,8 @@ async fn one_operation_at_a_time_per_instance() {
         panic!()
     };
     let provision = v.last_op.unwrap();
-    // Provisioning: no update, no deprovision, no binding.
+    // Provisioning: no update, no binding (a deprovision halts it: see
+    // `deprovision_halts_a_provision_in_progress`).
     assert!(matches!(
         store
             .start_instance_op("i1", Action::Update, op())
@@ -171,14 +175,6 @@ async fn one_operation_at_a_time_per_instance() {
             .unwrap(),
         StartOp::Busy(_)
     ));
-    match store
-        .start_instance_op("i1", Action::Deprovision, op())
-        .await
-        .unwrap()
-    {
-        StartOp::Busy(Some(o)) => assert_eq!(o.id, provision.id),
-        other => panic!("{other:?}"),
-    }
     assert!(matches!(
         store
             .create_binding(binding("b1", "i1"), op())
@@ -380,7 +376,16 @@ async fn operations_survive_reopen() {
         .await
         .unwrap();
     store
-        .set_placement("i1", 10001, "h", "/d/i1")
+        .set_placement(
+            "i1",
+            Placement {
+                port: 10001,
+                host: "h".into(),
+                dir: "/d/i1".into(),
+                bind_host: "0.0.0.0".into(),
+                attributes: json!({"postgresql_port": "5432"}),
+            },
+        )
         .await
         .unwrap();
     store.close().await;
@@ -396,6 +401,15 @@ async fn operations_survive_reopen() {
     let inst = store.get_instance("i1").await.unwrap().unwrap().instance;
     assert_eq!(inst.port, Some(10001));
     assert_eq!(inst.dir.as_deref(), Some("/d/i1"));
+    assert_eq!(inst.bind_host.as_deref(), Some("0.0.0.0"));
+    assert_eq!(inst.node_attributes, json!({"postgresql_port": "5432"}));
+    assert_eq!(inst.kind.as_deref(), Some("process"));
+    let db = inst.database.expect("database name kept");
+    assert!(db.starts_with("db_") && db.len() <= 63, "{db}");
+    assert!(
+        db.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    );
     store.close().await;
 }
 
@@ -411,4 +425,127 @@ async fn newer_schema_is_refused() {
         matches!(err, Error::UnsupportedSchema { found: 99, .. }),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn deprovision_halts_a_provision_in_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    let CreateInstance::Created(v) = store
+        .create_instance(instance("i1"), op(), slots(&[("n1", 10)]))
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let provision = v.last_op.unwrap();
+    let StartOp::Started(deprovision) = store
+        .start_instance_op("i1", Action::Deprovision, op())
+        .await
+        .unwrap()
+    else {
+        panic!("a deprovision is accepted while provisioning")
+    };
+    let halted = store.get_operation(&provision.id).await.unwrap().unwrap();
+    assert_eq!(halted.state, OpState::Failed);
+    assert_eq!(halted.description.as_deref(), Some(HALTED_DESCRIPTION));
+    let view = store.get_instance("i1").await.unwrap().unwrap();
+    assert_eq!(view.instance.state, InstanceState::Deprovisioning);
+    assert_eq!(view.last_op.unwrap().id, deprovision.id);
+    // The halted provision's driver finishing late changes nothing.
+    let late = store
+        .finish_op(&provision.id, done(OpState::Succeeded))
+        .await
+        .unwrap();
+    assert_eq!(late.state, OpState::Failed);
+    assert_eq!(
+        store
+            .get_instance("i1")
+            .await
+            .unwrap()
+            .unwrap()
+            .instance
+            .state,
+        InstanceState::Deprovisioning
+    );
+    // A second DELETE finds the deprovision in progress.
+    match store
+        .start_instance_op("i1", Action::Deprovision, op())
+        .await
+        .unwrap()
+    {
+        StartOp::Busy(Some(o)) => assert_eq!(o.id, deprovision.id),
+        other => panic!("{other:?}"),
+    }
+    store
+        .finish_op(&deprovision.id, done(OpState::Succeeded))
+        .await
+        .unwrap();
+    assert!(store.get_instance("i1").await.unwrap().is_none());
+    store.close().await;
+}
+
+#[tokio::test]
+async fn observed_state_is_kept_and_listed_per_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    store
+        .create_instance(instance("i1"), op(), slots(&[("n1", 10)]))
+        .await
+        .unwrap();
+    ready(&store, "i2").await;
+    let seen = Observed {
+        state: "failed".into(),
+        message: "gave up".into(),
+        pid: 42,
+        at: 1_700_000_000_000,
+    };
+    store.set_observed("i2", seen.clone()).await.unwrap();
+    let inst = store.get_instance("i2").await.unwrap().unwrap().instance;
+    assert_eq!(inst.observed, Some(seen));
+    let on_node = store.instances_on_node("n1").await.unwrap();
+    let busy: Vec<(String, bool)> = on_node.iter().map(|(i, b)| (i.id.clone(), *b)).collect();
+    assert_eq!(busy, vec![("i1".into(), true), ("i2".into(), false)]);
+    assert!(store.owner_exists("i2").await.unwrap());
+    assert!(!store.owner_exists("nope").await.unwrap());
+    store.close().await;
+}
+
+#[tokio::test]
+async fn version_1_databases_are_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("g.sqlite");
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    // The version 1 instances table, with a row, as an older gateway left it.
+    conn.execute_batch(
+        "CREATE TABLE instances (
+            id TEXT PRIMARY KEY, service_id TEXT NOT NULL, plan_id TEXT NOT NULL,
+            node_id TEXT NOT NULL, port INTEGER, host TEXT, dir TEXT,
+            parameters TEXT NOT NULL, context TEXT NOT NULL, organization_guid TEXT,
+            space_guid TEXT, maintenance_version TEXT,
+            state TEXT NOT NULL, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL
+         ) STRICT;
+         CREATE TABLE bindings (id TEXT PRIMARY KEY, instance_id TEXT NOT NULL,
+            service_id TEXT NOT NULL, plan_id TEXT NOT NULL, parameters TEXT NOT NULL,
+            context TEXT NOT NULL, bind_resource TEXT NOT NULL, state TEXT NOT NULL,
+            created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL) STRICT;
+         CREATE TABLE operations (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+            instance_id TEXT NOT NULL, binding_id TEXT, action TEXT NOT NULL,
+            state TEXT NOT NULL, description TEXT, step TEXT, target TEXT NOT NULL DEFAULT '{}',
+            instance_usable INTEGER, update_repeatable INTEGER, created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL, deadline INTEGER NOT NULL) STRICT;
+         INSERT INTO instances VALUES ('old', 's', 'p', 'n1', 10000, 'h', '/d/old', '{}', '{}',
+            NULL, NULL, NULL, 'ready', 1, 1);
+         PRAGMA user_version = 1;",
+    )
+    .unwrap();
+    drop(conn);
+    let store = Store::open(&path).await.unwrap();
+    let inst = store.get_instance("old").await.unwrap().unwrap().instance;
+    assert_eq!(inst.port, Some(10000));
+    assert_eq!(inst.kind, None);
+    assert_eq!(inst.database, None);
+    assert_eq!(inst.node_attributes, json!({}));
+    assert_eq!(inst.observed, None);
+    store.close().await;
 }
