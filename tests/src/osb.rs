@@ -273,29 +273,10 @@ impl Osb {
         operation: Option<&str>,
         timeout: Duration,
     ) -> (String, Value) {
-        eventually(
-            &format!("last_operation of {id} to finish"),
-            timeout,
-            || async {
-                let r = self.last_operation(id, operation).await;
-                match r.status.as_u16() {
-                    410 => Some(("gone".to_string(), r.body)),
-                    200 => {
-                        let state = r.body["state"]
-                            .as_str()
-                            .unwrap_or_else(|| panic!("last_operation without state: {}", r.text))
-                            .to_string();
-                        assert!(
-                            ["in progress", "succeeded", "failed"].contains(&state.as_str()),
-                            "invalid last_operation state: {}",
-                            r.text
-                        );
-                        (state != "in progress").then_some((state, r.body))
-                    }
-                    _ => panic!("last_operation of {id}: {} {}", r.status, r.text),
-                }
-            },
-        )
+        let what = format!("last_operation of instance {id}");
+        eventually(&format!("{what} to finish"), timeout, || async {
+            finished(&what, self.last_operation(id, operation).await)
+        })
         .await
     }
 
@@ -307,25 +288,33 @@ impl Osb {
         operation: Option<&str>,
         timeout: Duration,
     ) -> (String, Value) {
-        eventually(
-            &format!("binding last_operation of {bid} to finish"),
-            timeout,
-            || async {
-                let r = self.binding_last_operation(id, bid, operation).await;
-                match r.status.as_u16() {
-                    410 => Some(("gone".to_string(), r.body)),
-                    200 => {
-                        let state = r.body["state"]
-                            .as_str()
-                            .unwrap_or_else(|| panic!("last_operation without state: {}", r.text))
-                            .to_string();
-                        (state != "in progress").then_some((state, r.body))
-                    }
-                    _ => panic!("binding last_operation of {bid}: {} {}", r.status, r.text),
-                }
-            },
-        )
+        let what = format!("last_operation of binding {bid}");
+        eventually(&format!("{what} to finish"), timeout, || async {
+            finished(&what, self.binding_last_operation(id, bid, operation).await)
+        })
         .await
+    }
+}
+
+/// Reads a `last_operation` answer: `None` while in progress, the final
+/// state and body once done ("gone" for 410); panics on anything the spec
+/// does not allow.
+fn finished(what: &str, r: Resp) -> Option<(String, Value)> {
+    match r.status.as_u16() {
+        410 => Some(("gone".to_string(), r.body)),
+        200 => {
+            let state = r.body["state"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{what} without state: {}", r.text))
+                .to_string();
+            assert!(
+                ["in progress", "succeeded", "failed"].contains(&state.as_str()),
+                "{what}: invalid state: {}",
+                r.text
+            );
+            (state != "in progress").then_some((state, r.body))
+        }
+        _ => panic!("{what}: {} {}", r.status, r.text),
     }
 }
 

@@ -5,11 +5,13 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-/// Host, port and password of a redis binding's `credentials`.
+/// Host, port, user and password of a redis binding's `credentials`.
 #[derive(Clone)]
 pub struct RedisCreds {
     pub host: String,
     pub port: u16,
+    /// An ACL user of its own per binding; `None` for the `default` user.
+    pub username: Option<String>,
     pub password: String,
     pub uri: Option<String>,
 }
@@ -19,6 +21,7 @@ impl std::fmt::Debug for RedisCreds {
         f.debug_struct("RedisCreds")
             .field("host", &self.host)
             .field("port", &self.port)
+            .field("username", &self.username)
             .finish_non_exhaustive()
     }
 }
@@ -37,6 +40,7 @@ impl RedisCreds {
         RedisCreds {
             host,
             port: u16::try_from(port).expect("port fits u16"),
+            username: c["username"].as_str().map(str::to_string),
             password: c["password"]
                 .as_str()
                 .expect("credentials.password")
@@ -47,6 +51,16 @@ impl RedisCreds {
 
     fn url(&self) -> String {
         format!("redis://{}:{}/", self.host, self.port)
+    }
+
+    /// The `AUTH` command for these credentials.
+    fn auth_cmd(&self, password: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd("AUTH");
+        if let Some(user) = &self.username {
+            cmd.arg(user);
+        }
+        cmd.arg(password);
+        cmd
     }
 
     async fn connect_unauthenticated(&self) -> redis::aio::MultiplexedConnection {
@@ -74,16 +88,16 @@ impl RedisCreds {
             err.to_string().contains("NOAUTH") || err.to_string().contains("Authentication"),
             "unexpected error before AUTH: {err}"
         );
-        let wrong = redis::cmd("AUTH")
-            .arg("not-the-password")
+        let wrong = self
+            .auth_cmd("not-the-password")
             .query_async::<String>(&mut con)
             .await;
         assert!(wrong.is_err(), "a wrong password must be refused");
-        let ok: String = redis::cmd("AUTH")
-            .arg(&self.password)
+        let ok: String = self
+            .auth_cmd(&self.password)
             .query_async(&mut con)
             .await
-            .expect("AUTH with the binding's password");
+            .expect("AUTH with the binding's credentials");
         assert_eq!(ok, "OK");
         let key = format!("k-{}", uuid::Uuid::new_v4().simple());
         let value = format!("v-{}", uuid::Uuid::new_v4().simple());
@@ -119,21 +133,34 @@ impl RedisCreds {
         }
     }
 
-    /// Returns the value of redis `CONFIG GET name`, authenticated.
-    pub async fn config_get(&self, name: &str) -> String {
+    /// Returns true when these credentials are accepted by `AUTH`.
+    pub async fn auth_accepted(&self) -> bool {
         let mut con = self.connect_unauthenticated().await;
-        let _: String = redis::cmd("AUTH")
-            .arg(&self.password)
+        self.auth_cmd(&self.password)
+            .query_async::<String>(&mut con)
+            .await
+            .is_ok()
+    }
+
+    /// Returns field `name` of `INFO section`, authenticated (INFO is not an
+    /// admin command, so a binding's ACL user may run it).
+    pub async fn info_field(&self, section: &str, name: &str) -> String {
+        let mut con = self.connect_unauthenticated().await;
+        let _: String = self
+            .auth_cmd(&self.password)
             .query_async(&mut con)
             .await
             .expect("AUTH");
-        let pair: Vec<String> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg(name)
+        let info: String = redis::cmd("INFO")
+            .arg(section)
             .query_async(&mut con)
             .await
-            .expect("CONFIG GET");
-        pair.get(1).cloned().unwrap_or_default()
+            .expect("INFO");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("INFO {section} has no {name}"))
+            .trim()
+            .to_string()
     }
 
     /// Returns true when something accepts TCP connections on the port.

@@ -275,10 +275,10 @@ impl Stack {
             _ports: ports,
             dir,
         };
-        if opts.gateway == GatewayMode::Process {
-            stack.start_gateway_process().await;
+        match opts.gateway {
+            GatewayMode::Process => stack.start_gateway_process().await,
+            GatewayMode::InProcess => stack.wait_ready().await,
         }
-        stack.wait_ready().await;
         stack
     }
 
@@ -315,8 +315,9 @@ impl Stack {
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "gateway at {} did not become ready with node {NODE_ID}",
-                self.http_url
+                "gateway at {} did not become ready with node {NODE_ID}; gateway process log:\n{}",
+                self.http_url,
+                self.gateway_log_text()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -340,7 +341,8 @@ impl Stack {
     }
 
     /// Starts (or restarts, after [`Stack::kill_gateway`]) the `gateway`
-    /// child process on the stack's config, and waits until it answers.
+    /// child process on the stack's config, and waits until it answers and
+    /// knows the node again.
     pub async fn start_gateway_process(&mut self) {
         assert!(
             self.gateway_process.is_none(),
@@ -368,26 +370,7 @@ impl Stack {
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
         self.gateway_process = Some(ChildProcess { child });
-        let osb = self.osb.clone();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            self.assert_running();
-            let ok = osb
-                .request(reqwest::Method::GET, "/v2/catalog")
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
-            if ok {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "gateway process did not answer; log:\n{}",
-                self.gateway_log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.wait_ready().await;
     }
 
     /// SIGKILLs the gateway child process (and its process group) and

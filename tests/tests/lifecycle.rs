@@ -301,13 +301,46 @@ async fn redis_sync_lifecycle_with_a_real_client() {
     );
     assert_eq!(mode & 0o077, 0, "redis.conf is mode {mode:o}");
 
+    // Every binding is a Redis user of its own, and unbinding one locks
+    // exactly that one out.
+    let bid2 = new_id();
+    let b2 = osb
+        .bind(
+            &id,
+            &bid2,
+            &bind_body(redis::SERVICE, redis::PLAN_SMALL),
+            false,
+        )
+        .await;
+    b2.expect(201);
+    let creds2 = RedisCreds::from_credentials(&b2.body["credentials"]);
+    assert!(creds.username.is_some(), "a binding has its own user");
+    assert_ne!(creds.username, creds2.username);
+    assert_ne!(creds.password, creds2.password);
+    creds2.check_auth_set_get().await;
     osb.unbind(&id, &bid, redis::SERVICE, redis::PLAN_SMALL, false)
         .await
         .expect(200);
+    assert!(
+        !creds.auth_accepted().await,
+        "unbound credentials still work"
+    );
+    assert!(
+        creds2.auth_accepted().await,
+        "unbinding one binding broke another"
+    );
+    osb.unbind(&id, &bid2, redis::SERVICE, redis::PLAN_SMALL, false)
+        .await
+        .expect(200);
+    assert!(
+        !creds2.auth_accepted().await,
+        "unbound credentials still work"
+    );
+
     osb.deprovision(&id, redis::SERVICE, redis::PLAN_SMALL, false)
         .await
         .expect(200);
-    stack.assert_instance_gone(&id, &[&bid]).await;
+    stack.assert_instance_gone(&id, &[&bid, &bid2]).await;
     assert!(
         !procs::is_alive(pid),
         "redis-server {pid} survived deprovision"
@@ -399,7 +432,7 @@ async fn plan_parameters_reach_the_daemon() {
     b.expect(201);
     let creds = RedisCreds::from_credentials(&b.body["credentials"]);
     assert_eq!(
-        creds.config_get("maxmemory").await,
+        creds.info_field("memory", "maxmemory").await,
         (32u64 << 20).to_string()
     );
 
@@ -420,7 +453,7 @@ async fn plan_parameters_reach_the_daemon() {
     b2.expect(201);
     let creds2 = RedisCreds::from_credentials(&b2.body["credentials"]);
     assert_eq!(
-        creds2.config_get("maxmemory").await,
+        creds2.info_field("memory", "maxmemory").await,
         (256u64 << 20).to_string()
     );
     assert_ne!(creds.port, creds2.port);
@@ -487,8 +520,11 @@ async fn failed_provision_is_reported_and_releases_everything() {
         "error body needs a description: {}",
         s.text
     );
-    let left: Value = stack.allocations(Some(&id2)).await.leases.len().into();
-    assert_eq!(left, json!(0));
+    let left = stack.allocations(Some(&id2)).await.leases;
+    assert!(
+        left.is_empty(),
+        "lease kept after a failed sync provision: {left:?}"
+    );
 }
 
 /// A service whose program this host lacks (the seed's Elasticsearch on a
