@@ -108,82 +108,90 @@ ensure_trust() {
   return 1
 }
 
-# --- packages ---------------------------------------------------------------
+main() {
+  # --- packages ---------------------------------------------------------------
 
-missing=()
-command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
-command -v memcached >/dev/null 2>&1 || missing+=(memcached)
-command -v python3 >/dev/null 2>&1 || missing+=(python3)
-if [ -z "$(pg_bindir)" ]; then
-  missing+=(postgresql)
-fi
-command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
-if [ "${#missing[@]}" -ne 0 ]; then
-  apt_install "${missing[@]}"
-fi
-
-# --- the server ---------------------------------------------------------------
-
-if command -v pg_lsclusters >/dev/null 2>&1 && command -v pg_ctlcluster >/dev/null 2>&1; then
-  # Debian layout: use (or make) the cluster on port 5432.
-  cluster=$(pg_lsclusters -h 2>/dev/null | awk -v p="$PG_PORT" '$3 == p { print $1 " " $2; exit }')
-  if [ -z "$cluster" ]; then
-    major=$(basename "$(dirname "$(pg_bindir)")")
-    log "creating cluster $major/main on port $PG_PORT"
-    as_root pg_createcluster --port "$PG_PORT" "$major" main >/dev/null
-    cluster="$major main"
+  missing=()
+  command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+  command -v memcached >/dev/null 2>&1 || missing+=(memcached)
+  command -v python3 >/dev/null 2>&1 || missing+=(python3)
+  if [ -z "$(pg_bindir)" ]; then
+    missing+=(postgresql)
   fi
-  read -r ver name <<<"$cluster"
-  conf="/etc/postgresql/$ver/$name"
-  changed=0
-  ensure_trust "$conf/pg_hba.conf" && changed=1
-  # Debian's default listens on localhost already; make 127.0.0.1 explicit
-  # in case an image changed it.
-  if ! grep -qE "^listen_addresses" "$conf/postgresql.conf"; then
-    echo "listen_addresses = '127.0.0.1'" | as_root tee -a "$conf/postgresql.conf" >/dev/null
-    changed=1
+  command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
+  if [ "${#missing[@]}" -ne 0 ]; then
+    apt_install "${missing[@]}"
   fi
-  status=$(pg_lsclusters -h | awk -v v="$ver" -v n="$name" '$1 == v && $2 == n { print $4 }')
-  if [ "$status" = online ]; then
-    if [ "$changed" -eq 1 ]; then
-      as_root pg_ctlcluster "$ver" "$name" reload
+
+  # --- the server ---------------------------------------------------------------
+
+  if command -v pg_lsclusters >/dev/null 2>&1 && command -v pg_ctlcluster >/dev/null 2>&1; then
+    # Debian layout: use (or make) the cluster on port 5432.
+    cluster=$(pg_lsclusters -h 2>/dev/null | awk -v p="$PG_PORT" '$3 == p { print $1 " " $2; exit }')
+    if [ -z "$cluster" ]; then
+      major=$(basename "$(dirname "$(pg_bindir)")")
+      log "creating cluster $major/main on port $PG_PORT"
+      as_root pg_createcluster --port "$PG_PORT" "$major" main >/dev/null
+      cluster="$major main"
+    fi
+    read -r ver name <<<"$cluster"
+    conf="/etc/postgresql/$ver/$name"
+    changed=0
+    ensure_trust "$conf/pg_hba.conf" && changed=1
+    # Debian's default listens on localhost already; make 127.0.0.1 explicit
+    # in case an image changed it.
+    if ! grep -qE "^listen_addresses" "$conf/postgresql.conf"; then
+      echo "listen_addresses = '127.0.0.1'" | as_root tee -a "$conf/postgresql.conf" >/dev/null
+      changed=1
+    fi
+    status=$(pg_lsclusters -h | awk -v v="$ver" -v n="$name" '$1 == v && $2 == n { print $4 }')
+    if [[ "$status" == online* ]]; then
+      if [ "$changed" -eq 1 ]; then
+        as_root pg_ctlcluster "$ver" "$name" reload
+      fi
+    else
+      log "starting cluster $ver/$name"
+      as_root pg_ctlcluster "$ver" "$name" start
     fi
   else
-    log "starting cluster $ver/$name"
-    as_root pg_ctlcluster "$ver" "$name" start
+    # No Debian wrappers: a private data directory run with pg_ctl.
+    bindir=$(pg_bindir)
+    if [ -z "$bindir" ]; then
+      echo "no PostgreSQL server binaries found" >&2
+      exit 1
+    fi
+    id postgres >/dev/null 2>&1 || as_root useradd --system --home-dir /var/lib/postgresql postgres
+    if [ ! -s "$FALLBACK_PGDATA/PG_VERSION" ]; then
+      log "initdb $FALLBACK_PGDATA"
+      as_root mkdir -p "$FALLBACK_PGDATA"
+      as_root chown postgres "$FALLBACK_PGDATA"
+      as_postgres "$bindir/initdb" -D "$FALLBACK_PGDATA" -U postgres --auth-local=trust \
+        --auth-host=scram-sha-256 >/dev/null
+    fi
+    ensure_trust "$FALLBACK_PGDATA/pg_hba.conf" || true
+    if ! as_postgres "$bindir/pg_ctl" -D "$FALLBACK_PGDATA" status >/dev/null 2>&1; then
+      log "starting postgres in $FALLBACK_PGDATA"
+      as_postgres "$bindir/pg_ctl" -D "$FALLBACK_PGDATA" -w -l "$FALLBACK_PGDATA/server.log" \
+        -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k /tmp" start >/dev/null
+    else
+      as_postgres "$bindir/pg_ctl" -D "$FALLBACK_PGDATA" reload >/dev/null
+    fi
   fi
-else
-  # No Debian wrappers: a private data directory run with pg_ctl.
-  bindir=$(pg_bindir)
-  if [ -z "$bindir" ]; then
-    echo "no PostgreSQL server binaries found" >&2
+
+  if ! wait_ready; then
+    echo "postgresql does not answer on 127.0.0.1:$PG_PORT" >&2
     exit 1
   fi
-  id postgres >/dev/null 2>&1 || as_root useradd --system --home-dir /var/lib/postgresql postgres
-  if [ ! -s "$FALLBACK_PGDATA/PG_VERSION" ]; then
-    log "initdb $FALLBACK_PGDATA"
-    as_root mkdir -p "$FALLBACK_PGDATA"
-    as_root chown postgres "$FALLBACK_PGDATA"
-    as_postgres "$bindir/initdb" -D "$FALLBACK_PGDATA" -U postgres --auth-local=trust \
-      --auth-host=scram-sha-256 >/dev/null
+  if command -v psql >/dev/null 2>&1; then
+    # Proves the URL works (trust line active), not just that the port is open.
+    psql "$PG_URL" -qtAc 'select 1' >/dev/null
   fi
-  ensure_trust "$FALLBACK_PGDATA/pg_hba.conf" || true
-  if ! as_postgres "$bindir/pg_ctl" -D "$FALLBACK_PGDATA" status >/dev/null 2>&1; then
-    log "starting postgres in $FALLBACK_PGDATA"
-    as_postgres "$bindir/pg_ctl" -D "$FALLBACK_PGDATA" -w -l "$FALLBACK_PGDATA/server.log" \
-      -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k /tmp" start >/dev/null
-  else
-    as_postgres "$bindir/pg_ctl" -D "$FALLBACK_PGDATA" reload >/dev/null
-  fi
-fi
+}
 
-if ! wait_ready; then
-  echo "postgresql does not answer on 127.0.0.1:$PG_PORT" >&2
-  exit 1
-fi
-if command -v psql >/dev/null 2>&1; then
-  # Proves the URL works (trust line active), not just that the port is open.
-  psql "$PG_URL" -qtAc 'select 1' >/dev/null
-fi
+# stdout carries the URL only (callers capture it): everything main prints,
+# apt's and pg_ctl's chatter included, goes to stderr. A redirection of the
+# whole function (not `exec 3>&1`) also keeps the caller's pipe out of the
+# daemons started here, which would otherwise hold `$(...)` open forever.
+main 1>&2
 echo "$PG_URL"
