@@ -19,14 +19,24 @@ pub struct Cli {
 pub enum Command {
     /// Runs allocator, node and gateway in this process on loopback (they
     /// still talk gRPC to each other) until Ctrl-C or SIGTERM.
+    #[command(after_help = UP_ENV_HELP)]
     Up(UpArgs),
 }
+
+/// The environment `svcbroker up` reads, for its `--help`.
+const UP_ENV_HELP: &str = "Environment:
+  SVCBROKER_PASSWORD      OSB basic-auth password; when unset, one is generated on first
+                          start, kept in DATA_DIR/osb-password and printed
+  SVCBROKER_POSTGRES_URL  PostgreSQL admin URL; lets the node offer PostgreSQL databases
+  RUST_LOG                log filter (default: info); logs go to stderr";
 
 /// Flags of `svcbroker up`.
 ///
 /// The OSB password comes from SVCBROKER_PASSWORD (never a flag: command
 /// lines are visible to every user of the host); when unset, one is
 /// generated on first start, kept in DATA_DIR/osb-password and printed.
+/// SVCBROKER_POSTGRES_URL (an admin URL) lets the node offer PostgreSQL
+/// databases.
 #[derive(Debug, Args)]
 pub struct UpArgs {
     /// Directory for the databases, instance data and (unless

@@ -21,6 +21,10 @@ use crate::cli::UpArgs;
 
 /// Environment variable holding the OSB basic-auth password.
 pub const ENV_PASSWORD: &str = "SVCBROKER_PASSWORD";
+/// Environment variable holding the PostgreSQL admin URL the node creates
+/// databases with (the node's own variable; it carries a password, so it is
+/// never a flag).
+pub const ENV_POSTGRES_URL: &str = "SVCBROKER_POSTGRES_URL";
 /// How long each service gets to stop before it is abandoned.
 const STOP_GRACE: Duration = Duration::from_secs(30);
 
@@ -108,6 +112,9 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
         advertise_host: "127.0.0.1".into(),
         grpc_url: Some(node_url.clone()),
         gateway_url: Some(gateway_url.clone()),
+        postgres_url: std::env::var(ENV_POSTGRES_URL)
+            .ok()
+            .filter(|u| !u.is_empty()),
         ..Default::default()
     };
     let gateway_config = svcbroker_gateway::Config {
@@ -336,7 +343,8 @@ fn print_banner(b: &Banner<'_>) {
             ));
             if !missing.is_empty() {
                 out.push_str(&format!(
-                    "  not offered (executables not found): {}\n",
+                    "  not offered here: {} (a program is missing, or for databases \
+                     {ENV_POSTGRES_URL} is unset; the log says which)\n",
                     missing.join(", ")
                 ));
             }
