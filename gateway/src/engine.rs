@@ -1112,12 +1112,17 @@ impl Engine {
                 "node gave up on instance");
         }
         let now = Instant::now();
+        // Restored only after a pause that doubles each time, so that its
+        // failure stays visible (GET instance, metadata.attributes) and a
+        // daemon that cannot run is not restarted in a tight loop.
+        let base = self.settings.interval.saturating_mul(4);
         let failed_due = failed && {
-            let memory = self.memory.lock().unwrap_or_else(|p| p.into_inner());
-            memory
+            let mut memory = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+            let (_, next) = memory
                 .failed
-                .get(&inst.id)
-                .is_none_or(|(_, next)| now >= *next)
+                .entry(inst.id.clone())
+                .or_insert((0, now + base));
+            now >= *next
         };
         if state == NodeState::Running {
             let mut memory = self.memory.lock().unwrap_or_else(|p| p.into_inner());
@@ -1170,11 +1175,8 @@ impl Engine {
                     let mut memory = self.memory.lock().unwrap_or_else(|p| p.into_inner());
                     let entry = memory.failed.entry(inst.id.clone()).or_insert((0, now));
                     entry.0 += 1;
-                    let wait = self
-                        .settings
-                        .interval
-                        .saturating_mul(4)
-                        .saturating_mul(1 << (entry.0 - 1).min(16))
+                    let wait = base
+                        .saturating_mul(1 << entry.0.min(16))
                         .min(MAX_FAILED_BACKOFF);
                     entry.1 = now + wait;
                 }
