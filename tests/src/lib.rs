@@ -4,6 +4,7 @@
 //! and bounded polling ([`poll`]).
 
 pub mod fixtures;
+pub mod models_support;
 pub mod osb;
 pub mod poll;
 pub mod ports;
