@@ -627,6 +627,25 @@ impl ProcStack {
         let _ = child.wait();
     }
 
+    /// Stops the gateway with SIGTERM (graceful) and reaps it; panics if it
+    /// does not exit within 20 s.
+    pub fn stop_gateway(&mut self) {
+        let mut child = self.gateway.take().expect("gateway running");
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                assert!(status.success(), "gateway exit status {status}");
+                return;
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                panic!("gateway did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends SIGHUP to the gateway.
     pub fn sighup_gateway(&self) {
         kill(Pid::from_raw(self.gateway_pid()), Signal::SIGHUP).expect("SIGHUP gateway");

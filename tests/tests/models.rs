@@ -88,7 +88,9 @@ async fn redis_binding_is_an_acl_user_until_unbound() {
     a.set_on(&mut con, "shared", "from-a").await;
 
     unbind_sync(&stack, &id, &ba, svc, plan).await;
-    let refused = a.auth().await.err().expect("AUTH of an unbound user fails");
+    let Err(refused) = a.auth().await else {
+        panic!("AUTH of an unbound user succeeded");
+    };
     assert!(refused.contains("WRONGPASS"), "{refused}");
     // Its open connection was closed too.
     let dropped = redis::cmd("GET")
