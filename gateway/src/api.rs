@@ -627,7 +627,7 @@ fn instance_attributes(inst: &InstanceRow) -> Value {
 }
 
 /// Formats milliseconds since the epoch as `yyyy-mm-ddThh:mm:ss.sssZ` (UTC).
-fn rfc3339_ms(ms: i64) -> String {
+pub(crate) fn rfc3339_ms(ms: i64) -> String {
     let secs = ms.div_euclid(1000);
     let millis = ms.rem_euclid(1000);
     let days = secs.div_euclid(86_400);

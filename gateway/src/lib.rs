@@ -8,6 +8,7 @@
 //!
 //! Layers:
 //! - [`api`]: OSB REST (axum): validation, idempotency, answers.
+//! - [`admin`]: the operator's read-only API under `/admin/v1` (the CLI's).
 //! - [`engine`]: drives recorded operations with idempotent steps.
 //! - [`store`]: SQLite on a dedicated thread.
 //! - [`registry`]: live nodes, placement candidates, the Registry service.
@@ -23,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tonic::service::Routes;
 
+pub mod admin;
 pub mod api;
 pub mod catalog;
 pub mod config;
@@ -119,7 +121,8 @@ pub async fn run(
         "gateway serving"
     );
 
-    let app = api::router(Arc::clone(&engine), Arc::new(config.clone()));
+    let app = api::router(Arc::clone(&engine), Arc::new(config.clone()))
+        .merge(admin::router(Arc::clone(&engine), Arc::new(config.clone())));
     let http = {
         let tx = Arc::clone(&shutdown_tx);
         let rx = shutdown_rx.clone();

@@ -178,6 +178,23 @@ impl NodeRegistry {
         out
     }
 
+    /// Returns every known node, whether it is alive and how long ago it
+    /// was last heard from (the admin API's node list).
+    pub fn statuses(&self) -> Vec<(NodeInfo, bool, Duration)> {
+        let Ok(map) = self.inner.lock() else {
+            return Vec::new();
+        };
+        let mut out: Vec<_> = map
+            .values()
+            .map(|e| {
+                let ago = e.handle.last_seen.elapsed();
+                (e.handle.info.clone(), ago < self.timeout, ago)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.node_id.cmp(&b.0.node_id));
+        out
+    }
+
     /// Returns the interval nodes are asked to announce at.
     pub fn interval(&self) -> Duration {
         self.interval

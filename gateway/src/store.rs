@@ -1214,6 +1214,33 @@ impl Store {
         })
         .await
     }
+
+    /// Returns every instance with its most recent instance-level operation
+    /// and how many bindings it has (failed ones not counted), oldest first:
+    /// the admin API's instance list.
+    pub async fn list_instances(&self) -> Result<Vec<(InstanceView, u32)>, Error> {
+        self.call(|conn| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {INSTANCE_COLUMNS}, (SELECT COUNT(*) FROM bindings b
+                     WHERE b.instance_id = i.id AND b.state != 'failed')
+                 FROM instances i ORDER BY i.created_at, i.id"
+            ))?;
+            let rows: Vec<(InstanceRow, u32)> = stmt
+                .query_map([], |r| {
+                    let bindings: u32 = r.get(23)?;
+                    Ok(instance_from_row(r)?.map(|i| (i, bindings)))
+                })?
+                .map(|r| r?)
+                .collect::<Result<_, Error>>()?;
+            rows.into_iter()
+                .map(|(instance, bindings)| {
+                    let last_op = last_instance_op(conn, &instance.id)?;
+                    Ok((InstanceView { instance, last_op }, bindings))
+                })
+                .collect()
+        })
+        .await
+    }
 }
 
 fn open_connection(path: &Path) -> Result<Connection, Error> {
