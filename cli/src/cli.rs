@@ -9,7 +9,12 @@ use clap::{Args, Parser, Subcommand};
 
 /// svcbroker: an Open Service Broker API v2.17 broker for custom services.
 #[derive(Debug, Parser)]
-#[command(name = "svcbroker", version, propagate_version = true)]
+#[command(
+    name = "svcbroker",
+    version,
+    propagate_version = true,
+    after_help = EXIT_CODES_HELP
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -21,6 +26,32 @@ pub enum Command {
     /// still talk gRPC to each other) until Ctrl-C or SIGTERM.
     #[command(after_help = UP_ENV_HELP)]
     Up(UpArgs),
+    /// Lists the services the broker offers (or, with --instances, the
+    /// service instances).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Services(ServicesArgs),
+    /// Creates a service instance named NAME and waits until it is ready.
+    #[command(after_help = EXIT_CODES_HELP)]
+    CreateService(CreateServiceArgs),
+    /// Shows a service instance: credentials of its bindings, meta data and
+    /// properties.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Service(ServiceArgs),
+    /// Binds a service instance and prints the binding's credentials.
+    #[command(after_help = EXIT_CODES_HELP)]
+    BindService(BindServiceArgs),
+    /// Deletes a binding of a service instance (by binding name or id).
+    #[command(after_help = EXIT_CODES_HELP)]
+    UnbindService(UnbindServiceArgs),
+    /// Deletes a service instance and waits until it is gone.
+    #[command(after_help = EXIT_CODES_HELP)]
+    DeleteService(DeleteServiceArgs),
+    /// Lists the service nodes the gateway knows, with capacity and liveness.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Nodes(NodesArgs),
+    /// Checks a gRPC server's grpc.health.v1 status (container health
+    /// checks use it): exit 0 when SERVING, 1 otherwise, within 3 s.
+    Healthcheck(HealthcheckArgs),
 }
 
 /// The environment `svcbroker up` reads, for its `--help`.
@@ -87,6 +118,150 @@ fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     Ok((start, end))
 }
 
+/// Shown under the operator commands' `--help`: what scripts can test.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes of the operator commands:
+  0  success
+  1  the operation failed or was refused (the message says why)
+  2  usage error (bad flags or arguments)
+  3  not found (no such service, plan, instance or binding)
+  4  authentication or connection problem (wrong SVCBROKER_USERNAME or
+     SVCBROKER_PASSWORD, gateway not reachable)
+
+The gateway is found through --url or SVCBROKER_URL (default
+http://127.0.0.1:8080); its basic-auth credentials come from
+SVCBROKER_USERNAME (or --username) and SVCBROKER_PASSWORD (never a flag:
+command lines are visible to every user of the host). With --json, stdout
+carries only the machine-readable result; progress and errors go to stderr.";
+
+/// How operator commands reach the gateway, and how they print.
+#[derive(Debug, Clone, Args)]
+pub struct GatewayArgs {
+    /// Base URL of the gateway's HTTP API.
+    #[arg(
+        long,
+        env = "SVCBROKER_URL",
+        value_name = "URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub url: String,
+    /// Basic-auth user name (the password comes from SVCBROKER_PASSWORD).
+    #[arg(long, env = "SVCBROKER_USERNAME", default_value = "admin")]
+    pub username: String,
+    /// Prints machine-readable JSON on stdout instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `svcbroker services`.
+#[derive(Debug, Args)]
+pub struct ServicesArgs {
+    /// Lists the service instances instead of the offered services.
+    #[arg(long)]
+    pub instances: bool,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+/// Flags of `svcbroker create-service`.
+#[derive(Debug, Args)]
+pub struct CreateServiceArgs {
+    /// Service to create an instance of (name or id; see `svcbroker services`).
+    pub service: String,
+    /// Name of the new instance (unique among instances).
+    pub name: String,
+    /// Plan (name or id); defaults to the service's first plan.
+    #[arg(long, value_name = "PLAN")]
+    pub plan: Option<String>,
+    /// Parameter KEY=VALUE (VALUE is read as JSON when it parses, else as a
+    /// string), or @FILE holding a JSON object. Repeatable; later ones win.
+    #[arg(short = 'c', long = "config", value_name = "KEY=VALUE|@FILE")]
+    pub config: Vec<String>,
+    /// Stops waiting after this many seconds (the operation goes on).
+    #[arg(long, value_name = "SECS", default_value_t = 900)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+/// Flags of `svcbroker service`.
+#[derive(Debug, Args)]
+pub struct ServiceArgs {
+    /// Instance name (or id).
+    pub name: String,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+/// Flags of `svcbroker bind-service`.
+#[derive(Debug, Args)]
+pub struct BindServiceArgs {
+    /// Instance name (or id).
+    pub name: String,
+    /// Name of the new binding (unique among the instance's bindings).
+    #[arg(long, value_name = "B")]
+    pub binding_name: Option<String>,
+    /// Binding parameter KEY=VALUE or @FILE (as in create-service).
+    #[arg(short = 'c', long = "config", value_name = "KEY=VALUE|@FILE")]
+    pub config: Vec<String>,
+    /// Stops waiting after this many seconds (the operation goes on).
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+/// Flags of `svcbroker unbind-service`.
+#[derive(Debug, Args)]
+pub struct UnbindServiceArgs {
+    /// Instance name (or id).
+    pub name: String,
+    /// Binding name (or id).
+    pub binding: String,
+    /// Stops waiting after this many seconds (the operation goes on).
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+/// Flags of `svcbroker delete-service`.
+#[derive(Debug, Args)]
+pub struct DeleteServiceArgs {
+    /// Instance name (or id).
+    pub name: String,
+    /// Deletes the instance's bindings first (an instance with bindings is
+    /// refused otherwise).
+    #[arg(long)]
+    pub force: bool,
+    /// Stops waiting after this many seconds (the operation goes on).
+    #[arg(long, value_name = "SECS", default_value_t = 900)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+/// Flags of `svcbroker nodes`.
+#[derive(Debug, Args)]
+pub struct NodesArgs {
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+/// Flags of `svcbroker healthcheck`.
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// gRPC URL of the server, e.g. http://127.0.0.1:50051.
+    pub url: String,
+    /// Service to ask about (e.g. svcbroker.v1.Allocator); by default the
+    /// server as a whole.
+    #[arg(long, value_name = "NAME", default_value = "")]
+    pub service: String,
+    /// Prints {"status": ...} as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,7 +285,9 @@ mod tests {
             "127.0.0.1:0",
         ])
         .unwrap();
-        let Command::Up(up) = cli.command;
+        let Command::Up(up) = cli.command else {
+            panic!("expected up");
+        };
         assert_eq!(up.http.port(), 0);
         assert_eq!(up.node_grpc.port(), 0);
         assert_eq!(up.allocator_grpc.to_string(), "127.0.0.1:50051");

@@ -1,16 +1,22 @@
-//! `svcbroker`: the all-in-one local stack (`up`) and, later, the operator
-//! CLI. Parsing and dispatch only; each subcommand lives in its module.
+//! `svcbroker`: the all-in-one local stack (`up`) and the operator CLI
+//! (`services`, `create-service`, `service`, `bind-service`,
+//! `unbind-service`, `delete-service`, `nodes`, `healthcheck`). Parsing and
+//! dispatch only; each subcommand lives in its module.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
 mod cli;
+mod ops;
 mod shipped;
 mod up;
 
-/// Exit code for bad flags or configuration (sysexits EX_USAGE).
+/// Exit code of `up` for bad flags or configuration (sysexits EX_USAGE).
 const EX_USAGE: u8 = 64;
+/// Exit code of the operator commands for bad flags or arguments (the
+/// convention scripts expect from a CLI, and clap's own).
+const EXIT_OPERATOR_USAGE: u8 = 2;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -19,12 +25,17 @@ async fn main() -> ExitCode {
         Err(e) => {
             let _ = e.print();
             // --help and --version are not errors; bad flags are bad config.
-            return if e.use_stderr() {
+            return if !e.use_stderr() {
+                ExitCode::SUCCESS
+            } else if invoked_up() {
                 ExitCode::from(EX_USAGE)
             } else {
-                ExitCode::SUCCESS
+                ExitCode::from(EXIT_OPERATOR_USAGE)
             };
         }
+    };
+    let cli::Command::Up(up) = args.command else {
+        return operator(args.command).await;
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -33,14 +44,43 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result = match args.command {
-        cli::Command::Up(up) => up::run(up).await,
-    };
-    match result {
+    match up::run(up).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("svcbroker: {e:#}");
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// Runs an operator command; its errors go to stderr with the exit code
+/// `--help` documents.
+async fn operator(command: cli::Command) -> ExitCode {
+    let result = match command {
+        cli::Command::Up(_) => unreachable!("`up` is dispatched by main"),
+        cli::Command::Services(a) => ops::services::run(a).await,
+        cli::Command::CreateService(a) => ops::create_service::run(a).await,
+        cli::Command::Service(a) => ops::service::run(a).await,
+        cli::Command::BindService(a) => ops::bind_service::run(a).await,
+        cli::Command::UnbindService(a) => ops::unbind_service::run(a).await,
+        cli::Command::DeleteService(a) => ops::delete_service::run(a).await,
+        cli::Command::Nodes(a) => ops::nodes::run(a).await,
+        cli::Command::Healthcheck(a) => ops::healthcheck::run(a).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("svcbroker: {}", ops::progress::sanitize(&e.to_string()));
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// Returns true when the subcommand on the command line is `up` (the first
+/// argument that is not a flag), whose bad flags keep their exit code 64.
+fn invoked_up() -> bool {
+    std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .is_some_and(|a| a == "up")
 }
