@@ -10,8 +10,11 @@ pub const ENV_LISTEN: &str = "SVCBROKER_ALLOCATOR_LISTEN";
 /// Environment variable overriding [`Config::db_path`].
 pub const ENV_DB: &str = "SVCBROKER_ALLOCATOR_DB";
 
-/// Allocator settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Environment variable overriding [`Config::token`].
+pub use svcbroker_proto::auth::ENV_TOKEN;
+
+/// Allocator settings. `Debug` is written by hand: `token` is a secret.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Address the `allocator` binary binds its gRPC server to
@@ -21,6 +24,19 @@ pub struct Config {
     /// SQLite database file holding leases and passwords (default
     /// `allocator.sqlite`); created with mode 0600.
     pub db_path: PathBuf,
+    /// Shared bearer token every gRPC call but health must carry; calls are
+    /// not authenticated when unset. Never logged.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("db_path", &self.db_path)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl Default for Config {
@@ -30,6 +46,7 @@ impl Default for Config {
             // an explicit decision.
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 50051)),
             db_path: PathBuf::from("allocator.sqlite"),
+            token: None,
         }
     }
 }
@@ -42,6 +59,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "db_path",
                 message: "must not be empty".into(),
+            });
+        }
+        if self.token.as_deref() == Some("") {
+            return Err(ConfigError::Invalid {
+                key: "token",
+                message: "must not be empty (leave it unset to run without one)".into(),
             });
         }
         Ok(())
@@ -99,7 +122,7 @@ fn location(path: &Path, line: Option<usize>, column: Option<usize>) -> String {
 }
 
 /// Loads the configuration: defaults, then the YAML file at `path` (if
-/// any), then [`ENV_LISTEN`] and [`ENV_DB`] (empty values are ignored).
+/// any), then [`ENV_LISTEN`], [`ENV_DB`] and [`ENV_TOKEN`] (empty values are ignored).
 pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
     load_config_with(path, |name| match std::env::var(name) {
         Ok(v) => Ok(Some(v)),
@@ -129,6 +152,9 @@ fn load_config_with(
     }
     if let Some(v) = env(ENV_DB)?.filter(|v| !v.is_empty()) {
         config.db_path = PathBuf::from(v);
+    }
+    if let Some(v) = env(ENV_TOKEN)?.filter(|v| !v.is_empty()) {
+        config.token = Some(v);
     }
     config.validate()?;
     Ok(config)
@@ -247,6 +273,17 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains(ENV_LISTEN), "{err}");
+    }
+
+    #[test]
+    fn token_from_env_and_redacted() {
+        let c = load_config_with(None, |name| {
+            Ok((name == ENV_TOKEN).then(|| "s3cr3t-token".into()))
+        })
+        .unwrap();
+        assert_eq!(c.token.as_deref(), Some("s3cr3t-token"));
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("s3cr3t"), "{dbg}");
     }
 
     #[test]

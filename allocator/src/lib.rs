@@ -20,7 +20,7 @@ mod handle;
 mod service;
 mod store;
 
-pub use config::{Config, ConfigError, ENV_DB, ENV_LISTEN, load_config};
+pub use config::{Config, ConfigError, ENV_DB, ENV_LISTEN, ENV_TOKEN, load_config};
 pub use error::Error;
 pub use handle::StoreHandle;
 pub use service::AllocatorService;
@@ -49,8 +49,18 @@ pub async fn run(
         db = %config.db_path.display(),
         "allocator serving"
     );
+    if let Ok(addr) = listener.local_addr() {
+        svcbroker_proto::auth::warn_if_open("allocator", config.token.as_deref(), addr);
+    }
     let routes = Routes::new(AllocatorServer::new(AllocatorService::new(store.clone())));
-    let served = svcbroker_proto::server::serve(routes, &[SERVICE_NAME], listener, shutdown).await;
+    let served = svcbroker_proto::server::serve_with_token(
+        routes,
+        &[SERVICE_NAME],
+        listener,
+        shutdown,
+        config.token.as_deref(),
+    )
+    .await;
     store.close().await;
     tracing::info!("allocator stopped");
     Ok(served?)

@@ -14,11 +14,11 @@ const EX_USAGE: u8 = 64;
 /// Leases ports and issues credentials for svcbroker.
 ///
 /// Settings come from the config file, then the environment
-/// (SVCBROKER_ALLOCATOR_LISTEN, SVCBROKER_ALLOCATOR_DB), then these flags.
+/// (SVCBROKER_ALLOCATOR_LISTEN, SVCBROKER_ALLOCATOR_DB, SVCBROKER_TOKEN), then these flags.
 #[derive(Debug, Parser)]
 #[command(name = "allocator", version)]
 struct Cli {
-    /// YAML config file (keys: listen, db_path).
+    /// YAML config file (keys: listen, db_path, token).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Address to serve gRPC on, e.g. 127.0.0.1:50051.

@@ -59,6 +59,8 @@ const UP_ENV_HELP: &str = "Environment:
   SVCBROKER_PASSWORD      OSB basic-auth password; when unset, one is generated on first
                           start, kept in DATA_DIR/osb-password and printed
   SVCBROKER_POSTGRES_URL  PostgreSQL admin URL; lets the node offer PostgreSQL databases
+  SVCBROKER_TOKEN         bearer token every internal gRPC call carries; when unset, one
+                          is generated for this run and printed
   RUST_LOG                log filter (default: info); logs go to stderr";
 
 /// Flags of `svcbroker up`.

@@ -85,6 +85,7 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
     let catalog = svcbroker_svcdef::Catalog::load_dir(&services_dir)
         .map_err(|e| UpError::Usage(e.to_string()))?;
     let (password, password_source) = password(&data_dir)?;
+    let (token, token_generated) = token();
 
     let http = bind(args.http, "OSB API").await?;
     let gateway_grpc = bind(args.gateway_grpc, "gateway gRPC").await?;
@@ -98,6 +99,7 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
     let allocator_config = svcbroker_allocator::Config {
         listen: local(&allocator_grpc)?,
         db_path: data_dir.join("allocator.sqlite"),
+        token: Some(token.clone()),
     };
     let node_config = svcbroker_node::Config {
         listen: local(&node_grpc)?,
@@ -115,6 +117,7 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
         postgres_url: std::env::var(ENV_POSTGRES_URL)
             .ok()
             .filter(|u| !u.is_empty()),
+        token: Some(token.clone()),
         ..Default::default()
     };
     let gateway_config = svcbroker_gateway::Config {
@@ -125,6 +128,7 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
         username: args.username.clone(),
         password: password.clone(),
         allocator_url: allocator_url.clone(),
+        token: Some(token.clone()),
         ..Default::default()
     };
     gateway_config
@@ -144,12 +148,14 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
         svcbroker_gateway::run(gateway_config, http, gateway_grpc, stop)
     }));
 
-    let offered = describe_node(&node_url).await;
+    let offered = describe_node(&node_url, &token).await;
     print_banner(&Banner {
         http: http_addr,
         username: &args.username,
         password: &password,
         password_source: &password_source,
+        token: &token,
+        token_generated,
         allocator_url: &allocator_url,
         node_url: &node_url,
         node_id: &args.node_id,
@@ -245,6 +251,25 @@ fn password(data_dir: &Path) -> Result<(String, PasswordSource), UpError> {
     ))
 }
 
+/// Returns the internal gRPC token: SVCBROKER_TOKEN, or a new one (32
+/// bytes from the thread CSPRNG, base64url) and true. It need not survive a
+/// restart: every component of this process gets it at once.
+fn token() -> (String, bool) {
+    use base64::Engine as _;
+    if let Some(t) = std::env::var(svcbroker_proto::auth::ENV_TOKEN)
+        .ok()
+        .filter(|t| !t.is_empty())
+    {
+        return (t, false);
+    }
+    let mut bytes = [0u8; 32];
+    rand::rng().fill(&mut bytes);
+    (
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes),
+        true,
+    )
+}
+
 /// 24 alphanumeric characters from the thread CSPRNG: about 142 bits.
 fn generate_password() -> String {
     rand::rng()
@@ -267,14 +292,15 @@ fn local(l: &TcpListener) -> Result<SocketAddr, UpError> {
 
 /// Asks the node what it offers (it checks which executables it finds), for
 /// the banner; None when it cannot be asked within a few seconds.
-async fn describe_node(url: &str) -> Option<Vec<String>> {
+async fn describe_node(url: &str, token: &str) -> Option<Vec<String>> {
+    let token = svcbroker_proto::auth::BearerToken::new(Some(token)).ok()?;
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
         .ok()?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(5));
     for _ in 0..20 {
         if let Ok(channel) = endpoint.connect().await {
-            let info = NodeAgentClient::new(channel)
+            let info = NodeAgentClient::new(token.wrap(channel))
                 .describe(DescribeRequest {})
                 .await
                 .ok()?
@@ -291,6 +317,8 @@ struct Banner<'a> {
     username: &'a str,
     password: &'a str,
     password_source: &'a PasswordSource,
+    token: &'a str,
+    token_generated: bool,
     allocator_url: &'a str,
     node_url: &'a str,
     node_id: &'a str,
@@ -325,6 +353,19 @@ fn print_banner(b: &Banner<'_>) {
     out.push_str(&format!(
         "  gRPC: allocator {}, node {} ({}), gateway registry {}\n",
         b.allocator_url, b.node_url, b.node_id, b.gateway_url
+    ));
+    let token_env = svcbroker_proto::auth::ENV_TOKEN;
+    if b.token_generated {
+        out.push_str(&format!(
+            "  gRPC token: {}   (generated for this run; set {token_env} to choose one)\n",
+            b.token
+        ));
+    } else {
+        out.push_str(&format!("  gRPC token: (from {token_env})\n"));
+    }
+    out.push_str(&format!(
+        "  grpcurl -plaintext -H 'authorization: Bearer TOKEN' {} list\n",
+        b.allocator_url.trim_start_matches("http://")
     ));
     out.push_str(&format!("  data: {}\n", b.data_dir.display()));
     out.push_str(&format!("  services: {}\n", b.services_dir.display()));

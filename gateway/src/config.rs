@@ -24,6 +24,9 @@ pub const ENV_SERVICES_DIR: &str = "SVCBROKER_SERVICES_DIR";
 /// Environment variable overriding [`Config::nodes`] (comma-separated URLs).
 pub const ENV_NODES: &str = "SVCBROKER_GATEWAY_NODES";
 
+/// Environment variable overriding [`Config::token`].
+pub use svcbroker_proto::auth::ENV_TOKEN;
+
 /// Gateway settings.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -65,6 +68,10 @@ pub struct Config {
     /// How long something on a node that no instance owns is left alone
     /// before the reconciler removes it (default 300000).
     pub orphan_grace_ms: u64,
+    /// Shared bearer token: required on every call to the Registry but
+    /// health, and sent on every call to the allocator and the nodes.
+    /// Unset: nothing is authenticated. Never printed.
+    pub token: Option<String>,
 }
 
 impl Default for Config {
@@ -86,6 +93,7 @@ impl Default for Config {
             default_max_polling_duration_s: 900,
             reconcile_interval_ms: 30_000,
             orphan_grace_ms: 300_000,
+            token: None,
         }
     }
 }
@@ -119,6 +127,7 @@ impl std::fmt::Debug for Config {
             )
             .field("reconcile_interval_ms", &self.reconcile_interval_ms)
             .field("orphan_grace_ms", &self.orphan_grace_ms)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }
@@ -170,6 +179,12 @@ impl Config {
         }
         if self.reconcile_interval_ms == 0 {
             return invalid("reconcile_interval_ms", "must be greater than 0");
+        }
+        if self.token.as_deref() == Some("") {
+            return invalid(
+                "token",
+                "must not be empty (leave it unset to run without one)",
+            );
         }
         Ok(())
     }
@@ -276,7 +291,7 @@ fn location(path: &Path, line: Option<usize>, column: Option<usize>) -> String {
 /// Loads the configuration: defaults, then the YAML file at `path` (if
 /// any), then the environment ([`ENV_USERNAME`], [`ENV_PASSWORD`],
 /// [`ENV_HTTP`], [`ENV_GRPC`], [`ENV_ALLOCATOR_URL`], [`ENV_DB`],
-/// [`ENV_SERVICES_DIR`], [`ENV_NODES`]; empty values are ignored).
+/// [`ENV_SERVICES_DIR`], [`ENV_NODES`], [`ENV_TOKEN`]; empty values are ignored).
 ///
 /// Missing credentials are not an error here; the binary checks them with
 /// [`Config::require_credentials`] after applying its flags.
@@ -328,6 +343,9 @@ pub fn load_config_with(
     }
     if let Some(v) = get(ENV_SERVICES_DIR)? {
         config.services_dir = PathBuf::from(v);
+    }
+    if let Some(v) = get(ENV_TOKEN)? {
+        config.token = Some(v);
     }
     if let Some(v) = get(ENV_NODES)? {
         config.nodes = v

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
+use svcbroker_proto::auth::{AuthChannel, BearerToken};
 use svcbroker_proto::v1::allocator_client::AllocatorClient;
 use svcbroker_proto::v1::{
     AllocatePortRequest, BindRequest, CommandHook, Credential, DatabaseSpec, DeprovisionRequest,
@@ -34,7 +35,7 @@ use svcbroker_svcdef::{HookEvent, Model, PlanDef, RenderedHook, ServiceDef, Vars
 use tokio::sync::{OwnedMutexGuard, watch};
 use tokio::task::JoinSet;
 use tonic::Request;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::catalog::{Catalogs, Loaded};
 use crate::error::{Error, scrub};
@@ -135,7 +136,7 @@ pub struct Engine {
     store: Store,
     catalogs: Arc<Catalogs>,
     registry: NodeRegistry,
-    allocator: AllocatorClient<Channel>,
+    allocator: AllocatorClient<AuthChannel>,
     shutdown: watch::Receiver<bool>,
     waiters: Mutex<HashMap<String, watch::Sender<bool>>>,
     /// Instance id → (provision operation id, its halt signal).
@@ -228,12 +229,15 @@ pub struct BindingAnswer {
 
 impl Engine {
     /// Builds the engine; `allocator_url` is connected lazily, so a down
-    /// allocator delays operations instead of failing startup.
+    /// allocator delays operations instead of failing startup. Every
+    /// allocator call carries `token`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Store,
         catalogs: Arc<Catalogs>,
         registry: NodeRegistry,
         allocator_url: &str,
+        token: &BearerToken,
         settings: ReconcileSettings,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Arc<Engine>, Error> {
@@ -245,7 +249,7 @@ impl Engine {
             store,
             catalogs,
             registry,
-            allocator: AllocatorClient::new(endpoint.connect_lazy()),
+            allocator: AllocatorClient::new(token.wrap(endpoint.connect_lazy())),
             shutdown,
             waiters: Mutex::new(HashMap::new()),
             halts: Mutex::new(HashMap::new()),
@@ -1457,7 +1461,7 @@ impl Engine {
 
     async fn node_call<T, F, Fut>(&self, node_id: &str, timeout: Duration, f: F) -> Result<T, Error>
     where
-        F: FnOnce(svcbroker_proto::v1::node_agent_client::NodeAgentClient<Channel>) -> Fut,
+        F: FnOnce(svcbroker_proto::v1::node_agent_client::NodeAgentClient<AuthChannel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let node = self.registry.require_live(node_id)?;

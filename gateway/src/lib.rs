@@ -77,12 +77,25 @@ pub async fn run(
         })
     };
 
+    let token = match svcbroker_proto::auth::BearerToken::new(config.token.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            forward.abort();
+            store.close().await;
+            return Err(Error::Config(ConfigError::Invalid {
+                key: "token",
+                message: e.message().to_owned(),
+            }));
+        }
+    };
     let (registry, boots) = NodeRegistry::new(config.node_timeout(), config.announce_interval());
+    let registry = registry.with_token(token.clone());
     let engine = match Engine::new(
         store.clone(),
         Arc::clone(&catalogs),
         registry.clone(),
         &config.allocator_url,
+        &token,
         config.reconcile_settings(),
         shutdown_rx.clone(),
     ) {
@@ -136,16 +149,21 @@ pub async fn run(
             r
         }
     };
+    if let Ok(addr) = grpc_listener.local_addr() {
+        svcbroker_proto::auth::warn_if_open("gateway", config.token.as_deref(), addr);
+    }
     let grpc = {
+        let token = config.token.clone();
         let tx = Arc::clone(&shutdown_tx);
         let rx = shutdown_rx.clone();
         let routes = Routes::new(RegistryServer::new(RegistryService::new(registry.clone())));
         async move {
-            let r = svcbroker_proto::server::serve(
+            let r = svcbroker_proto::server::serve_with_token(
                 routes,
                 &[SERVICE_NAME],
                 grpc_listener,
                 signalled(rx),
+                token.as_deref(),
             )
             .await
             .map_err(Error::Serve);

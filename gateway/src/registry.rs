@@ -9,11 +9,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use svcbroker_proto::auth::{AuthChannel, BearerToken};
 use svcbroker_proto::v1::node_agent_client::NodeAgentClient;
 use svcbroker_proto::v1::registry_server::Registry;
 use svcbroker_proto::v1::{AnnounceRequest, AnnounceResponse, DescribeRequest, NodeInfo};
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
@@ -31,7 +32,7 @@ pub struct NodeHandle {
     /// When it was last heard from.
     pub last_seen: Instant,
     /// A (lazily connecting) channel to its gRPC URL.
-    pub client: NodeAgentClient<Channel>,
+    pub client: NodeAgentClient<AuthChannel>,
 }
 
 #[derive(Debug)]
@@ -54,6 +55,8 @@ pub struct NodeRegistry {
     timeout: Duration,
     interval: Duration,
     new_boot: mpsc::UnboundedSender<NewBoot>,
+    /// Sent on every call to a node.
+    token: BearerToken,
 }
 
 impl std::fmt::Debug for NodeRegistry {
@@ -78,9 +81,16 @@ impl NodeRegistry {
                 timeout,
                 interval,
                 new_boot: tx,
+                token: BearerToken::default(),
             },
             rx,
         )
+    }
+
+    /// Makes every call to a node carry `token`.
+    pub fn with_token(mut self, token: BearerToken) -> Self {
+        self.token = token;
+        self
     }
 
     /// Records what a node said about itself. Returns true when this
@@ -94,11 +104,11 @@ impl NodeRegistry {
                 let client = if e.handle.info.grpc_url == info.grpc_url {
                     e.handle.client.clone()
                 } else {
-                    connect(&info.grpc_url)?
+                    connect(&info.grpc_url, &self.token)?
                 };
                 (e.handle.info.boot_id != info.boot_id, client)
             }
-            None => (true, connect(&info.grpc_url)?),
+            None => (true, connect(&info.grpc_url, &self.token)?),
         };
         if new_boot {
             tracing::info!(node_id = %node_id, boot_id = %info.boot_id, url = %info.grpc_url,
@@ -205,12 +215,12 @@ fn poisoned() -> Error {
     Error::Internal("node registry lock poisoned".into())
 }
 
-fn connect(url: &str) -> Result<NodeAgentClient<Channel>, Error> {
+fn connect(url: &str, token: &BearerToken) -> Result<NodeAgentClient<AuthChannel>, Error> {
     let endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| Error::BadRequest(format!("invalid node grpc_url {url:?}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
-    Ok(NodeAgentClient::new(endpoint.connect_lazy()))
+    Ok(NodeAgentClient::new(token.wrap(endpoint.connect_lazy())))
 }
 
 /// Checks an announcement at the edge, so the rest of the gateway never sees
@@ -285,10 +295,10 @@ pub async fn poll_static_nodes(
     if urls.is_empty() {
         return;
     }
-    let clients: Vec<(String, Option<NodeAgentClient<Channel>>)> = urls
+    let clients: Vec<(String, Option<NodeAgentClient<AuthChannel>>)> = urls
         .into_iter()
         .map(|u| {
-            let c = connect(&u).ok();
+            let c = connect(&u, &registry.token).ok();
             (u, c)
         })
         .collect();

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use svcbroker_proto::auth::BearerToken;
 use svcbroker_proto::v1::AnnounceRequest;
 use svcbroker_proto::v1::registry_client::RegistryClient;
 use tokio::sync::watch;
@@ -12,12 +13,13 @@ use tonic::transport::Endpoint;
 use crate::node::Node;
 use crate::supervisor::stopped;
 
-/// Announces `node` to the Registry at `url` now and then at the interval
+/// Announces `node` (with `token`) to the Registry at `url` now and then at the interval
 /// the gateway asks for (`fallback` until it answers), until `stop` turns
 /// true. An outage is logged once when it starts and once when it ends.
 pub(crate) async fn announce_loop(
     node: Arc<Node>,
     url: String,
+    token: BearerToken,
     fallback: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -32,7 +34,7 @@ pub(crate) async fn announce_loop(
     };
     // Lazy, so a gateway that starts after the node is picked up by the
     // next tick instead of failing startup.
-    let mut client = RegistryClient::new(endpoint.connect_lazy());
+    let mut client = RegistryClient::new(token.wrap(endpoint.connect_lazy()));
     let mut failing = false;
     let mut announced = false;
     loop {

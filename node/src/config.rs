@@ -62,6 +62,10 @@ pub struct Config {
     pub directory_cap: DirectoryCap,
     /// How often the supervised cap measures a directory.
     pub directory_check_interval_ms: u64,
+    /// Shared bearer token: required on every NodeAgent call but health,
+    /// and sent with every announcement. Unset: nothing is authenticated.
+    /// Never logged.
+    pub token: Option<String>,
 }
 
 /// How the node enforces a directory instance's size cap.
@@ -116,6 +120,7 @@ impl std::fmt::Debug for Config {
             directory_default_limit_bytes,
             directory_cap,
             directory_check_interval_ms,
+            token,
         } = self;
         f.debug_struct("Config")
             .field("listen", listen)
@@ -133,6 +138,7 @@ impl std::fmt::Debug for Config {
             .field("keep_instances_on_shutdown", keep_instances_on_shutdown)
             .field("bind_host", bind_host)
             .field("postgres_url", &postgres_url.as_ref().map(|_| "<redacted>"))
+            .field("token", &token.as_ref().map(|_| "<redacted>"))
             .field("postgres_advertise_host", postgres_advertise_host)
             .field(
                 "directory_default_limit_bytes",
@@ -186,6 +192,7 @@ impl Default for Config {
             directory_default_limit_bytes: 100 * 1024 * 1024,
             directory_cap: DirectoryCap::Auto,
             directory_check_interval_ms: 2000,
+            token: None,
         }
     }
 }
@@ -302,6 +309,9 @@ impl Config {
         }
         if let Some(v) = get("SVCBROKER_POSTGRES_ADVERTISE_HOST") {
             self.postgres_advertise_host = (!v.is_empty()).then_some(v);
+        }
+        if let Some(v) = get(svcbroker_proto::auth::ENV_TOKEN) {
+            self.token = (!v.is_empty()).then_some(v);
         }
         if let Some(v) = get("SVCBROKER_DIRECTORY_CAP") {
             self.directory_cap = v.parse().map_err(|message| ConfigError::Env {

@@ -98,6 +98,10 @@ pub async fn run(
     );
 
     let gateway_url = config.gateway_url.clone();
+    let token = config.token.clone();
+    let announce_token = svcbroker_proto::auth::BearerToken::new(token.as_deref())
+        .map_err(|e| Error::InvalidArgument(format!("config key token: {}", e.message())))?;
+    svcbroker_proto::auth::warn_if_open("node", token.as_deref(), local);
     let fallback = Duration::from_millis(config.announce_interval_ms.max(100));
     let node = Arc::new(node::Node::new(config, offer, grpc_url, dir_mode, pg));
     node.check_postgres().await;
@@ -120,13 +124,21 @@ pub async fn run(
         tokio::spawn(announce::announce_loop(
             node.clone(),
             url,
+            announce_token,
             fallback,
             stop_rx,
         ))
     });
 
     let routes = Routes::new(NodeAgentServer::new(grpc::Agent { node: node.clone() }));
-    let served = svcbroker_proto::server::serve(routes, SERVICE_NAMES, listener, shutdown).await;
+    let served = svcbroker_proto::server::serve_with_token(
+        routes,
+        SERVICE_NAMES,
+        listener,
+        shutdown,
+        token.as_deref(),
+    )
+    .await;
 
     stop_tx.send_replace(true);
     if let Some(a) = announcer {

@@ -5,7 +5,28 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 use tonic::{Request, Status};
+
+/// Environment variable holding the shared token, read by every component
+/// and by `svcbroker up`.
+pub const ENV_TOKEN: &str = "SVCBROKER_TOKEN";
+
+/// A client channel that sends the bearer token with every call.
+pub type AuthChannel = InterceptedService<Channel, BearerToken>;
+
+/// Logs once, at start, that a server listening beyond loopback accepts
+/// calls from anyone because no token is configured.
+pub fn warn_if_open(component: &str, token: Option<&str>, addr: std::net::SocketAddr) {
+    if token.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            component,
+            %addr,
+            "no {ENV_TOKEN} configured: gRPC calls are accepted without authentication on a non-loopback address"
+        );
+    }
+}
 
 /// gRPC health stays open so that container and load-balancer probes,
 /// which carry no credentials, keep working.
@@ -116,6 +137,11 @@ impl BearerToken {
             })
             .transpose()?;
         Ok(BearerToken { header })
+    }
+
+    /// Wraps `channel` so that every call on it carries this token.
+    pub fn wrap(&self, channel: Channel) -> AuthChannel {
+        InterceptedService::new(channel, self.clone())
     }
 }
 

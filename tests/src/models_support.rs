@@ -22,7 +22,6 @@ use svcbroker_proto::v1::{
     InstanceStatus, ListAllocationsRequest, ListAllocationsResponse, ListInstancesRequest,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::transport::Channel;
 
 use crate::osb::Osb;
 use crate::poll::until;
@@ -508,6 +507,7 @@ impl ProcStack {
             announce_interval_ms: 250,
             reconcile_interval_ms: opts.reconcile_interval_ms,
             orphan_grace_ms: opts.orphan_grace_ms,
+            token: Some(crate::stack::TEST_TOKEN.into()),
             ..Default::default()
         };
         write_yaml(&root.join("gateway.yaml"), &gateway_config);
@@ -530,6 +530,7 @@ impl ProcStack {
             // Measured, not loop-mounted: tests must not leave mounts behind.
             directory_cap: svcbroker_node::DirectoryCap::Supervised,
             directory_check_interval_ms: 300,
+            token: Some(crate::stack::TEST_TOKEN.into()),
             ..Default::default()
         };
         write_yaml(&root.join("node.yaml"), &node_config);
@@ -578,6 +579,9 @@ impl ProcStack {
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("RUST_LOG", "info")
+            // The allocator has no config file here; the others get it
+            // from theirs too.
+            .env(svcbroker_proto::auth::ENV_TOKEN, crate::stack::TEST_TOKEN)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log"))
             .stderr(log)
@@ -713,7 +717,7 @@ impl ProcStack {
     }
 
     /// Returns a node agent client.
-    pub async fn node_agent(&self) -> NodeAgentClient<Channel> {
+    pub async fn node_agent(&self) -> NodeAgentClient<svcbroker_proto::auth::AuthChannel> {
         NodeAgentClient::new(crate::stack::connect(&self.node_url).await)
     }
 

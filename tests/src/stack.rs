@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use svcbroker_proto::auth::{AuthChannel, BearerToken};
 use svcbroker_proto::v1::allocator_client::AllocatorClient;
 use svcbroker_proto::v1::node_agent_client::NodeAgentClient;
 use svcbroker_proto::v1::{
@@ -191,6 +192,7 @@ impl Stack {
             nodes: Vec::new(),
             node_timeout_ms: 10_000,
             announce_interval_ms: 250,
+            token: Some(TEST_TOKEN.into()),
             ..Default::default()
         };
         let gateway_config_path = root.join("gateway.yaml");
@@ -204,6 +206,7 @@ impl Stack {
         let allocator_config = svcbroker_allocator::Config {
             listen: allocator_l.local_addr().unwrap(),
             db_path: root.join("allocator.sqlite"),
+            token: Some(TEST_TOKEN.into()),
         };
         components.push(Component::spawn(
             &background.handle,
@@ -231,6 +234,7 @@ impl Stack {
             announce_interval_ms: 250,
             stop_grace_ms: 2_000,
             keep_instances_on_shutdown: false,
+            token: Some(TEST_TOKEN.into()),
             ..Default::default()
         };
         components.push(Component::spawn(
@@ -436,12 +440,12 @@ impl Stack {
     }
 
     /// Returns a connected allocator client.
-    pub async fn allocator(&self) -> AllocatorClient<Channel> {
+    pub async fn allocator(&self) -> AllocatorClient<AuthChannel> {
         AllocatorClient::new(connect(&self.allocator_url).await)
     }
 
     /// Returns a connected node agent client.
-    pub async fn node_agent(&self) -> NodeAgentClient<Channel> {
+    pub async fn node_agent(&self) -> NodeAgentClient<AuthChannel> {
         NodeAgentClient::new(connect(&self.node_url).await)
     }
 
@@ -727,8 +731,25 @@ fn url_of(l: &std::net::TcpListener) -> String {
     format!("http://{}", l.local_addr().expect("local addr"))
 }
 
-/// Connects to a gRPC server, retrying briefly (it may be starting).
-pub async fn connect(url: &str) -> Channel {
+/// The internal bearer token every harness stack runs with, so that every
+/// test goes through the token check.
+pub const TEST_TOKEN: &str = "svcbroker-test-token-0123456789abcdef";
+
+/// Connects to a gRPC server, retrying briefly (it may be starting); every
+/// call carries [`TEST_TOKEN`].
+pub async fn connect(url: &str) -> AuthChannel {
+    connect_with_token(url, Some(TEST_TOKEN)).await
+}
+
+/// Like [`connect`], sending `token` (or no token at all).
+pub async fn connect_with_token(url: &str, token: Option<&str>) -> AuthChannel {
+    BearerToken::new(token)
+        .expect("token is a valid header value")
+        .wrap(connect_plain(url).await)
+}
+
+/// Connects without adding anything to the calls.
+pub async fn connect_plain(url: &str) -> Channel {
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
         .expect("valid grpc url")
         .connect_timeout(Duration::from_secs(2))
