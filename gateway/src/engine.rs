@@ -146,6 +146,7 @@ pub struct Engine {
     tasks: Mutex<JoinSet<()>>,
     settings: ReconcileSettings,
     stats: ReconcileStats,
+    metrics: crate::metrics::Metrics,
     memory: Mutex<Memory>,
 }
 
@@ -257,6 +258,7 @@ impl Engine {
             tasks: Mutex::new(JoinSet::new()),
             settings,
             stats: ReconcileStats::default(),
+            metrics: crate::metrics::Metrics::default(),
             memory: Mutex::new(Memory::default()),
         }))
     }
@@ -282,6 +284,11 @@ impl Engine {
     }
 
     /// Returns the reconciler's counters.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// Returns a copy of the reconciler's counters.
     pub fn reconcile_stats(&self) -> ReconcileCounts {
         self.stats.counts()
     }
@@ -507,6 +514,9 @@ impl Engine {
                 }
             }
         };
+        let seconds = (crate::store::now_ms() - op.created_at).max(0) as f64 / 1000.0;
+        self.metrics
+            .operation_finished(op.action.as_str(), outcome.state.as_str(), seconds);
         if let Err(e) = self.store.finish_op(&op.id, outcome).await {
             // The operation stays in progress and is resumed at next start.
             tracing::error!(error = %e, "cannot record the end of the operation");

@@ -30,6 +30,7 @@ pub mod catalog;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod metrics;
 pub mod registry;
 pub mod store;
 pub mod validate;
@@ -135,7 +136,16 @@ pub async fn run(
     );
 
     let app = api::router(Arc::clone(&engine), Arc::new(config.clone()))
-        .merge(admin::router(Arc::clone(&engine), Arc::new(config.clone())));
+        .merge(admin::router(Arc::clone(&engine), Arc::new(config.clone())))
+        .merge(
+            axum::Router::new()
+                .route("/metrics", axum::routing::get(metrics::metrics))
+                .with_state(Arc::clone(&engine)),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&engine),
+            metrics::count_requests,
+        ));
     let http = {
         let tx = Arc::clone(&shutdown_tx);
         let rx = shutdown_rx.clone();

@@ -1215,6 +1215,19 @@ impl Store {
         .await
     }
 
+    /// Counts instances by (service id, plan id, state), for `/metrics`.
+    pub async fn instance_counts(&self) -> Result<Vec<(String, String, String, u64)>, Error> {
+        self.call(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT service_id, plan_id, state, COUNT(*) FROM instances \
+                 GROUP BY service_id, plan_id, state ORDER BY service_id, plan_id, state",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
     /// Returns every instance with its most recent instance-level operation
     /// and how many bindings it has (failed ones not counted), oldest first:
     /// the admin API's instance list.
