@@ -98,7 +98,9 @@ async fn request_identity(req: Request, next: Next) -> Response {
     let id = String::from_utf8_lossy(value.as_bytes()).into_owned();
     let span = tracing::info_span!("request", request_id = %id, method = %req.method(),
         path = %req.uri().path());
-    let mut response = next.run(req).instrument(span.clone()).await;
+    // gRPC calls this request causes carry its id as `x-request-id`.
+    let mut response =
+        svcbroker_proto::auth::with_request_id(id, next.run(req).instrument(span.clone())).await;
     span.in_scope(|| tracing::debug!(status = response.status().as_u16(), "answered"));
     response
         .headers_mut()

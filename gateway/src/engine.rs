@@ -336,15 +336,22 @@ impl Engine {
             }
         }
         let engine = Arc::clone(self);
+        // The OSB request that started the operation, when there is one
+        // (not for operations resumed after a restart): its steps' gRPC
+        // calls carry the id too.
+        let request_id = svcbroker_proto::auth::current_request_id().unwrap_or_default();
         let span = tracing::info_span!("operation", op_id = %op.id, action = %op.action,
-            instance_id = %op.instance_id, binding_id = op.binding_id.as_deref().unwrap_or(""));
+            instance_id = %op.instance_id, binding_id = op.binding_id.as_deref().unwrap_or(""),
+            request_id = %request_id);
         let Ok(mut tasks) = self.tasks.lock() else {
             return;
         };
         // Reap finished drivers so the set does not grow without bound.
         while tasks.try_join_next().is_some() {}
         tasks.spawn(tracing::Instrument::instrument(
-            async move { engine.drive(Run { op, halt }).await },
+            svcbroker_proto::auth::with_request_id(request_id, async move {
+                engine.drive(Run { op, halt }).await
+            }),
             span,
         ));
     }

@@ -27,7 +27,9 @@ pub(crate) struct Agent {
 async fn detached<T: Send + 'static>(
     f: impl Future<Output = Result<T, Error>> + Send + 'static,
 ) -> Result<T, Status> {
-    match tokio::spawn(f).await {
+    // The handler's span (method, request id, instance id) follows the work
+    // into the task, so its log lines carry them.
+    match tokio::spawn(tracing::Instrument::in_current_span(f)).await {
         Ok(r) => r.map_err(Status::from),
         Err(e) => Err(Status::internal(format!("node task failed: {e}"))),
     }

@@ -13,6 +13,24 @@ use tonic::{Request, Status};
 /// and by `svcbroker up`.
 pub const ENV_TOKEN: &str = "SVCBROKER_TOKEN";
 
+/// gRPC metadata key carrying the id of the OSB request a call stems from.
+pub const REQUEST_ID_KEY: &str = "x-request-id";
+
+tokio::task_local! {
+    static REQUEST_ID: String;
+}
+
+/// Runs `f` with `id` as the current request id: every call made through a
+/// [`BearerToken`] channel inside it carries `x-request-id: id`.
+pub async fn with_request_id<F: std::future::Future>(id: String, f: F) -> F::Output {
+    REQUEST_ID.scope(id, f).await
+}
+
+/// The request id set by an enclosing [`with_request_id`], if any.
+pub fn current_request_id() -> Option<String> {
+    REQUEST_ID.try_with(Clone::clone).ok()
+}
+
 /// A client channel that sends the bearer token with every call.
 pub type AuthChannel = InterceptedService<Channel, BearerToken>;
 
@@ -112,8 +130,8 @@ where
     }
 }
 
-/// Client interceptor that adds the bearer token to every call; with no
-/// token it adds nothing (a component running without one).
+/// Client interceptor that adds the bearer token to every call (with no
+/// token, nothing), and the current request id (see [`with_request_id`]).
 #[derive(Clone, Default)]
 pub struct BearerToken {
     header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
@@ -149,6 +167,14 @@ impl tonic::service::Interceptor for BearerToken {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         if let Some(h) = &self.header {
             req.metadata_mut().insert("authorization", h.clone());
+        }
+        // An id that is not a valid header value is left out rather than
+        // failing the call.
+        if let Some(id) = current_request_id()
+            .filter(|id| !id.is_empty())
+            .and_then(|id| id.parse().ok())
+        {
+            req.metadata_mut().insert(REQUEST_ID_KEY, id);
         }
         Ok(req)
     }

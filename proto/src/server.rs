@@ -65,6 +65,16 @@ where
         .add_service(reflection_v1alpha);
     let auth = tower::util::option_layer(token.map(BearerAuthLayer::new));
     Server::builder()
+        // Every handler's log lines carry the method and the id of the OSB
+        // request that caused the call (empty when none).
+        .trace_fn(|req| {
+            let request_id = req
+                .headers()
+                .get(crate::auth::REQUEST_ID_KEY)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            tracing::info_span!("grpc", method = %req.uri().path(), request_id = %request_id)
+        })
         .layer(auth)
         .add_routes(routes)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)

@@ -1,6 +1,7 @@
-//! Prometheus `/metrics` on the gateway's HTTP listener: valid exposition
-//! text that changes when instances are created, without authentication
-//! and without instance ids.
+//! Observability: Prometheus `/metrics` on the gateway's HTTP listener
+//! (valid exposition text that changes when instances are created, without
+//! authentication and without instance ids), and the OSB request id in the
+//! allocator's and node's logs.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -146,4 +147,69 @@ async fn metrics_change_when_instances_are_created() {
             "instance id in metrics: {text}"
         );
     }
+}
+
+/// Everything the in-process services log, for the request id test.
+static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct Capture;
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_id_reaches_allocator_and_node_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_ansi(false)
+        .with_writer(|| Capture)
+        .try_init();
+    let stack = Stack::start_default().await;
+    let id = new_id();
+    let request_id = format!("req-{}", new_id());
+    let r = svcbroker_tests::Osb::send(
+        stack
+            .osb
+            .request(
+                reqwest::Method::PUT,
+                &format!("/v2/service_instances/{id}?accepts_incomplete=true"),
+            )
+            .header("X-Broker-API-Request-Identity", &request_id)
+            .json(&provision_body(echo::SERVICE, echo::PLAN_FREE, json!({}))),
+    )
+    .await;
+    assert!(r.status == 201 || r.status == 202, "{}", r.status);
+    let (state, last) = stack
+        .osb
+        .wait_instance(&id, r.operation().as_deref(), Duration::from_secs(60))
+        .await;
+    assert_eq!(state, "succeeded", "{last}");
+
+    let logs =
+        String::from_utf8_lossy(&LOGS.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    let tagged: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains(&format!("request_id={request_id}")))
+        .collect();
+    assert!(
+        tagged
+            .iter()
+            .any(|l| l.contains("/svcbroker.v1.Allocator/")),
+        "no allocator log line with the request id:\n{logs}"
+    );
+    assert!(
+        tagged
+            .iter()
+            .any(|l| l.contains("/svcbroker.v1.NodeAgent/")),
+        "no node log line with the request id:\n{logs}"
+    );
 }
