@@ -26,7 +26,7 @@ pub async fn run(args: HealthcheckArgs) -> Result<(), CliError> {
         .timeout(TIMEOUT);
     let status = match tokio::time::timeout(TIMEOUT, check(endpoint, &args.service)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(message)) => return Err(report(&args, "UNREACHABLE", &message)),
+        Ok(Err((status, message))) => return Err(report(&args, status, &message)),
         Err(_) => {
             return Err(report(
                 &args,
@@ -44,15 +44,28 @@ pub async fn run(args: HealthcheckArgs) -> Result<(), CliError> {
     Err(report(&args, status.as_str_name(), "not serving"))
 }
 
-async fn check(endpoint: Endpoint, service: &str) -> Result<ServingStatus, String> {
-    let channel = endpoint.connect().await.map_err(|e| error_chain(&e))?;
+/// Asks once; a failure is (status word, message).
+async fn check(endpoint: Endpoint, service: &str) -> Result<ServingStatus, (&'static str, String)> {
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| ("UNREACHABLE", error_chain(&e)))?;
     let mut client = HealthClient::new(channel);
     let resp = client
         .check(HealthCheckRequest {
             service: service.to_owned(),
         })
         .await
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+        .map_err(|s| {
+            // The health service answers NOT_FOUND for a service it does
+            // not know (grpc.health.v1's SERVICE_UNKNOWN).
+            let word = if s.code() == tonic::Code::NotFound {
+                "SERVICE_UNKNOWN"
+            } else {
+                "ERROR"
+            };
+            (word, format!("{:?}: {}", s.code(), s.message()))
+        })?;
     Ok(ServingStatus::try_from(resp.into_inner().status).unwrap_or(ServingStatus::Unknown))
 }
 
