@@ -120,6 +120,31 @@ pub async fn run(
             }
         })
     });
+    // SIGHUP reloads the offer, like the gateway's catalog; the next
+    // announcement tells the gateway.
+    let reloader = {
+        let node = node.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut hup = match signal(SignalKind::hangup()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGHUP: no offer reloads");
+                    return;
+                }
+            };
+            loop {
+                tokio::select! {
+                    got = hup.recv() => match got {
+                        Some(()) => node.reload_offer().await,
+                        None => return,
+                    },
+                    _ = supervisor::stopped(&mut stop) => return,
+                }
+            }
+        })
+    };
     let announcer = gateway_url.map(|url| {
         tokio::spawn(announce::announce_loop(
             node.clone(),
@@ -141,6 +166,7 @@ pub async fn run(
     .await;
 
     stop_tx.send_replace(true);
+    let _ = reloader.await;
     if let Some(a) = announcer {
         let _ = a.await;
     }

@@ -90,7 +90,8 @@ impl Drop for StartingGuard<'_> {
 pub(crate) struct Node {
     config: Config,
     boot_id: String,
-    offer: Offer,
+    /// Replaced on SIGHUP.
+    offer: std::sync::RwLock<Offer>,
     grpc_url: String,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     closing: AtomicBool,
@@ -116,7 +117,7 @@ impl Node {
         Node {
             config,
             boot_id: uuid::Uuid::new_v4().to_string(),
-            offer,
+            offer: std::sync::RwLock::new(offer),
             grpc_url,
             slots: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
@@ -165,6 +166,27 @@ impl Node {
         })
     }
 
+    /// Reloads the service offer from `services_dir`; a directory that does
+    /// not load keeps the old offer (logged with file and line).
+    pub async fn reload_offer(&self) {
+        let dir = self.config.services_dir.clone();
+        let has_pg = self.pg.is_some();
+        let loaded = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || crate::offer::reload_offer(&dir, has_pg)).await
+        };
+        match loaded {
+            Ok(Ok(offer)) => {
+                tracing::info!(services_dir = %dir.display(), services = ?offer.plain,
+                    database_services = ?offer.database, "service offer reloaded");
+                *self.offer.write().unwrap_or_else(|p| p.into_inner()) = offer;
+            }
+            Ok(Err(e)) => tracing::error!(services_dir = %dir.display(), error = %e,
+                "cannot reload service definitions: keeping the old offer"),
+            Err(e) => tracing::error!(error = %e, "service offer reload failed"),
+        }
+    }
+
     /// Returns who this node is and what it offers.
     pub fn info(&self) -> NodeInfo {
         let used = self
@@ -174,10 +196,14 @@ impl Node {
             .values()
             .filter(|s| s.held.lock().unwrap().is_some())
             .count();
-        let mut services = self.offer.plain.clone();
-        if self.pg_up.load(Ordering::SeqCst) {
-            services.extend(self.offer.database.iter().cloned());
-        }
+        let mut services = {
+            let offer = self.offer.read().unwrap_or_else(|p| p.into_inner());
+            let mut services = offer.plain.clone();
+            if self.pg_up.load(Ordering::SeqCst) {
+                services.extend(offer.database.iter().cloned());
+            }
+            services
+        };
         services.sort();
         services.dedup();
         let mut attributes = HashMap::new();

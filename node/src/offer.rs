@@ -52,17 +52,27 @@ fn runnable_services(services_dir: &Path) -> Vec<(String, Option<String>)> {
         );
         return Vec::new();
     }
-    let candidates = match load_candidates(services_dir) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(
-                services_dir = %services_dir.display(),
-                error = %e,
-                "cannot load service definitions: this node offers no services"
-            );
-            return Vec::new();
-        }
-    };
+    try_runnable_services(services_dir).unwrap_or_else(|e| {
+        tracing::warn!(
+            services_dir = %services_dir.display(),
+            error = %e,
+            "cannot load service definitions: this node offers no services"
+        );
+        Vec::new()
+    })
+}
+
+/// Like [`offered_services`], but a directory that does not load is an
+/// error (naming file and line), so that a reload keeps the old offer.
+pub(crate) fn reload_offer(services_dir: &Path, has_postgres: bool) -> Result<Offer, String> {
+    // Loading twice costs little next to a SIGHUP's rarity, and keeps the
+    // sorting rules in one place.
+    try_runnable_services(services_dir)?;
+    Ok(offered_services(services_dir, has_postgres))
+}
+
+fn try_runnable_services(services_dir: &Path) -> Result<Vec<(String, Option<String>)>, String> {
+    let candidates = load_candidates(services_dir)?;
     let path_var = std::env::var_os("PATH").unwrap_or_default();
     let mut offered = Vec::new();
     for c in candidates {
@@ -80,7 +90,7 @@ fn runnable_services(services_dir: &Path) -> Vec<(String, Option<String>)> {
     }
     offered.sort();
     offered.dedup();
-    offered
+    Ok(offered)
 }
 
 /// The one place that knows the `svcbroker-svcdef` API.
