@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use svcbroker_proto::v1::InstanceState;
 use svcbroker_tests::fixtures::{echo, failing, redis};
 use svcbroker_tests::{
