@@ -27,6 +27,16 @@ log "cargo build --workspace --bins"
 # without a fresh build they would run stale or missing executables.
 cargo build --workspace --bins || { echo "build failed" >&2; exit 1; }
 
+# ---- compose end-to-end test (tests/tests/compose.rs) ------------------------
+# It builds the svcbroker image from target/release/*, so where a Docker engine
+# answers the release binaries are built before the suite runs; elsewhere the
+# test skips itself with "SKIPPED: no docker engine".
+if docker info >/dev/null 2>&1; then
+  log "cargo build --release --bins (the compose end-to-end test's image)"
+  cargo build --release --bins || { echo "release build failed" >&2; exit 1; }
+fi
+# ------------------------------------------------------------------------------
+
 if cargo nextest --version >/dev/null 2>&1; then
   log "cargo nextest run --workspace --no-fail-fast"
   cargo nextest run --workspace --no-fail-fast || failed+=("tests")
