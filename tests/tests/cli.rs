@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use reqwest::Method;
-use serde_json::Value;
+use serde_json::{Value, json};
 use svcbroker_tests::{Osb, RedisCreds, Stack, StackOptions};
 
 /// What one CLI run gave.
@@ -145,7 +145,7 @@ async fn services_table_and_json() {
     // No instances yet: an empty list, still valid JSON.
     let out = cli(&stack, &["services", "--instances", "--json"]).await;
     out.expect(0);
-    assert_eq!(out.json(), serde_json::json!([]));
+    assert_eq!(out.json(), json!([]));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -287,7 +287,7 @@ async fn instance_lifecycle_by_name() {
     );
     cli(&stack, &["service", "cache1"]).await.expect(3);
     let out = cli(&stack, &["services", "--instances", "--json"]).await;
-    assert_eq!(out.json(), serde_json::json!([]));
+    assert_eq!(out.json(), json!([]));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -321,11 +321,61 @@ async fn delete_force_unbinds_first_and_ids_work_as_names() {
 
     let out = cli(&stack, &["delete-service", "e1", "--force", "--json"]).await;
     out.expect(0);
-    assert_eq!(
-        out.json(),
-        serde_json::json!({"id": id, "name": "e1", "deleted": true})
-    );
+    assert_eq!(out.json(), json!({"id": id, "name": "e1", "deleted": true}));
     cli(&stack, &["service", &id]).await.expect(3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn names_from_other_platforms_and_ambiguous_names() {
+    let stack = Stack::start_default().await;
+    // Instances made by another OSB client: named by `context.name`, twice
+    // the same name, and not named at all.
+    let mut ids = Vec::new();
+    for context in [
+        json!({"platform": "kubernetes", "name": "twin"}),
+        json!({"platform": "cloudfoundry", "instance_name": "twin"}),
+        json!({"platform": "other"}),
+    ] {
+        let id = svcbroker_tests::new_id();
+        let mut body = svcbroker_tests::provision_body(
+            svcbroker_tests::fixtures::echo::SERVICE,
+            svcbroker_tests::fixtures::echo::PLAN_FREE,
+            json!({}),
+        );
+        body["context"] = context;
+        stack.osb.provision(&id, &body, false).await.expect(201);
+        ids.push(id);
+    }
+
+    let out = cli(&stack, &["services", "--instances", "--json"]).await;
+    out.expect(0);
+    let names: Vec<Value> = out
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("twin"), json!("twin"), Value::Null]);
+    let out = cli(&stack, &["services", "--instances"]).await;
+    assert!(
+        out.stdout.contains(&format!("| ({}) ", ids[2])),
+        "an unnamed instance shows its id:\n{}",
+        out.stdout
+    );
+
+    // One name, two instances: refused with the ids, and ids still work.
+    let out = cli(&stack, &["service", "twin"]).await;
+    out.expect(1);
+    assert!(
+        out.stderr.contains(&ids[0]) && out.stderr.contains("use an id"),
+        "{}",
+        out.stderr
+    );
+    let out = cli(&stack, &["service", &ids[1], "--json"]).await;
+    out.expect(0);
+    assert_eq!(out.json()["name"], "twin");
+    cli(&stack, &["service", &ids[2]]).await.expect(0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
