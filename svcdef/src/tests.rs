@@ -32,7 +32,8 @@ fn shipped_definitions_load_and_form_an_osb_catalog() {
         "{names:?}"
     );
     let redis = c.service_by_name("redis").unwrap();
-    assert_eq!(redis.executables(), ["redis-server"]);
+    // The daemon, and redis-cli for the ACL bind/unbind hooks.
+    assert_eq!(redis.executables(), ["redis-server", "redis-cli"]);
     let entry = redis.catalog_entry();
     assert_eq!(entry["name"], "redis");
     assert_eq!(entry["bindable"], true);
@@ -60,6 +61,7 @@ fn renders_redis_process_and_typed_credentials() {
         .set("password", "s3cret")
         .set("dir", "/d/i1")
         .set("host", "127.0.0.1")
+        .set("bind_host", "127.0.0.1")
         .set("name", "i1")
         .set("node_id", "n1");
     let p = redis.render_process(&vars).unwrap().unwrap();
@@ -71,9 +73,12 @@ fn renders_redis_process_and_typed_credentials() {
         !format!("{p:?}").contains("s3cret"),
         "Debug must not print secrets"
     );
+    // Bindings get their own ACL user, not the instance password.
+    vars.set("binding.username", "u1")
+        .set("binding.password", "bpw");
     let creds = redis.render_credentials(&vars).unwrap();
     assert_eq!(creds["port"], json!(10001));
-    assert_eq!(creds["uri"], json!("redis://:s3cret@127.0.0.1:10001"));
+    assert_eq!(creds["uri"], json!("redis://u1:bpw@127.0.0.1:10001"));
 }
 
 #[test]
