@@ -229,11 +229,16 @@ fn body_object(
     }
 }
 
-/// A string field: absent or null gives `None`; any other type is a 400.
+/// An optional string field: absent gives `None`; present, it must be a
+/// non-empty string (the spec types these fields as strings, and an empty
+/// guid names nothing), else 400.
 fn opt_str(body: &Map<String, Value>, key: &str) -> Result<Option<String>, Error> {
     match body.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
+        None => Ok(None),
+        Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+        Some(Value::String(_)) => Err(Error::BadRequest(format!(
+            "field '{key}' must be a non-empty string"
+        ))),
         Some(_) => Err(Error::BadRequest(format!("field '{key}' must be a string"))),
     }
 }
@@ -248,10 +253,11 @@ fn req_str(body: &Map<String, Value>, key: &str) -> Result<String, Error> {
     }
 }
 
-/// An object field: absent or null gives `None`; any other type is a 400.
+/// An object field: absent gives `None`; any other type, `null` included
+/// (the spec types these fields as objects), is a 400.
 fn opt_obj(body: &Map<String, Value>, key: &str) -> Result<Option<Value>, Error> {
     match body.get(key) {
-        None | Some(Value::Null) => Ok(None),
+        None => Ok(None),
         Some(v @ Value::Object(_)) => Ok(Some(v.clone())),
         Some(_) => Err(Error::BadRequest(format!(
             "field '{key}' must be an object"

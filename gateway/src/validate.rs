@@ -11,8 +11,8 @@ pub const MIN_API_VERSION: (u32, u32) = (2, 13);
 
 /// Checks an instance or binding id taken from the URL path.
 ///
-/// Accepted ids are 1 to 255 characters of `[A-Za-z0-9._-]` (RFC 3986
-/// unreserved characters without `~`) and neither `.` nor `..`. The OSB spec
+/// Accepted ids are 1 to 255 characters of `[A-Za-z0-9._~-]` (RFC 3986
+/// unreserved characters) and neither `.` nor `..`. The OSB spec
 /// places no restriction on ids, but they become file names on nodes
 /// (`<data_dir>/<instance_id>`), owner names in the allocator and log
 /// fields, so anything that could escape a directory (`/`, `..`), confuse a
@@ -25,12 +25,12 @@ pub fn validate_id(kind: &str, id: &str) -> Result<(), Error> {
         && id != ".."
         && id
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'~'));
     if ok {
         Ok(())
     } else {
         Err(Error::BadRequest(format!(
-            "invalid {kind}: use 1 to {MAX_ID_LEN} characters of A-Z, a-z, 0-9, '.', '_' and '-' \
+            "invalid {kind}: use 1 to {MAX_ID_LEN} characters of A-Z, a-z, 0-9, '.', '_', '-' and '~' \
              (not '.' or '..')"
         )))
     }

@@ -260,24 +260,25 @@ impl fmt::Debug for RunSpec {
     }
 }
 
-/// Checks an instance id: 1..=128 characters of `[A-Za-z0-9._-]`, not `.`
-/// or `..`. It names a directory under `data_dir`, so nothing else is safe.
+/// Checks an instance id: 1..=255 characters (the gateway's limit, and a
+/// file name's) of `[A-Za-z0-9._~-]`, not `.` or `..`. It names a directory
+/// under `data_dir`, so nothing else is safe.
 pub(crate) fn validate_instance_id(id: &str) -> Result<(), Error> {
     let ok = !id.is_empty()
-        && id.len() <= 128
+        && id.len() <= 255
         && id != "."
         && id != ".."
         // The node's own folder for images and directory records.
         && id != crate::directory::IMAGES_DIR
         && id
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'~'));
     if ok {
         Ok(())
     } else {
         Err(Error::InvalidArgument(format!(
-            "instance_id {:?} must be 1 to 128 characters of [A-Za-z0-9._-] and not \".\" or \"..\"",
-            truncate(id, 140)
+            "instance_id {:?} must be 1 to 255 characters of [A-Za-z0-9._~-] and not \".\" or \"..\"",
+            truncate(id, 260)
         )))
     }
 }
@@ -498,7 +499,7 @@ mod tests {
 
     #[test]
     fn instance_ids() {
-        for ok in ["a", "abc-DEF_1.2", &"x".repeat(128), "..."] {
+        for ok in ["a", "abc-DEF_1.2", &"x".repeat(255), "a~b", "..."] {
             assert!(validate_instance_id(ok).is_ok(), "{ok}");
         }
         for bad in [
@@ -509,7 +510,7 @@ mod tests {
             "a/b",
             "a b",
             "é",
-            &"x".repeat(129),
+            &"x".repeat(256),
             "a\0",
         ] {
             assert!(validate_instance_id(bad).is_err(), "{bad:?}");

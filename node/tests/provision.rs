@@ -284,7 +284,7 @@ async fn invalid_requests_create_nothing() {
     let node = TestNode::start(cfg).await;
     let mut c = node.client.clone();
 
-    let long = "x".repeat(129);
+    let long = "x".repeat(256);
     for id in ["", ".", "..", "a/b", "../evil", "a b", "é", long.as_str()] {
         let err = c
             .provision(redis_request(id, 20001, "pw"))
