@@ -58,6 +58,17 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// Returns a fresh temporary directory for one test's files (removed when
+/// dropped), first killing what tests killed earlier left running (see
+/// [`procs::reap_orphans_of_killed_tests`]).
+pub fn test_dir() -> tempfile::TempDir {
+    procs::reap_orphans_of_killed_tests(&std::env::temp_dir());
+    tempfile::Builder::new()
+        .prefix(stack::DIR_PREFIX)
+        .tempdir()
+        .expect("create temp dir")
+}
+
 /// A fresh OSB id (instance or binding).
 pub fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()

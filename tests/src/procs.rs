@@ -76,3 +76,48 @@ pub fn kill_all_under(dir: &Path) {
         let _ = kill(pid, Signal::SIGKILL);
     }
 }
+
+/// Returns the parent pid of `pid` (field 4 of `/proc/<pid>/stat`).
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// SIGKILLs what test stacks of killed test processes left running: a test
+/// process that nextest terminates (timeout) or that is killed never runs
+/// its `Drop`s, so its gateway child and its node's daemons live on,
+/// reparented to init. Only orphans (parent pid 1) whose working directory
+/// or command line lies in a stack directory under `tmp` are touched, so a
+/// live test's processes (children of a live test process) never are.
+pub fn reap_orphans_of_killed_tests(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let prefix = tmp.join(crate::stack::DIR_PREFIX);
+    let prefix = prefix.to_string_lossy();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if parent_of(pid) != Some(1) || is_zombie(pid) {
+            continue;
+        }
+        let cwd = std::fs::read_link(entry.path().join("cwd")).unwrap_or_default();
+        let cmdline = std::fs::read(entry.path().join("cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        if cwd.to_string_lossy().starts_with(&*prefix) || cmdline.contains(&*prefix) {
+            tracing::warn!(pid, cmdline = %cmdline.replace('\0', " "), "killing an orphan of a killed test");
+            let pid = Pid::from_raw(pid);
+            if nix::unistd::getpgid(Some(pid)) == Ok(pid) {
+                let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
+            }
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+    }
+}

@@ -80,6 +80,9 @@ impl StackOptions {
     }
 }
 
+/// Name prefix of every stack's temporary directory.
+pub const DIR_PREFIX: &str = "svcbroker-test-";
+
 /// The node id of every test stack.
 pub const NODE_ID: &str = "test-node";
 
@@ -136,10 +139,7 @@ impl Stack {
     /// answers and has heard from the node.
     pub async fn start(opts: StackOptions) -> Stack {
         crate::init_tracing();
-        let dir = tempfile::Builder::new()
-            .prefix("svcbroker-test-")
-            .tempdir()
-            .expect("create temp dir");
+        let dir = crate::test_dir();
         let root = dir.path().canonicalize().expect("canonical temp dir");
         let services_dir = root.join("services.d");
         std::fs::create_dir_all(&services_dir).expect("create services.d");

@@ -114,7 +114,7 @@ fn stop(mut up: Up, signal: Signal) -> std::process::ExitStatus {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn up_serves_the_shipped_services_and_stops_cleanly() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = svcbroker_tests::test_dir();
     let data = tmp.path().join("data");
     let ports = PortBlock::acquire();
     let up = start_up(&data, &ports, &[]);
@@ -249,7 +249,7 @@ async fn up_serves_the_shipped_services_and_stops_cleanly() {
 
 #[test]
 fn up_refuses_broken_service_definitions_with_exit_64() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = svcbroker_tests::test_dir();
     let services = tmp.path().join("services.d");
     std::fs::create_dir_all(&services).unwrap();
     std::fs::write(
