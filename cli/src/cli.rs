@@ -52,6 +52,13 @@ pub enum Command {
     /// Checks a gRPC server's grpc.health.v1 status (container health
     /// checks use it): exit 0 when SERVING, 1 otherwise, within 3 s.
     Healthcheck(HealthcheckArgs),
+    /// Benchmarks a running broker: concurrent full lifecycles (provision,
+    /// bind, unbind, deprovision), latency per call, errors, peak RSS of
+    /// each component, and this host's physical baselines (durable SQLite
+    /// commits/s, redis-server spawn-to-PONG) with the broker's figures as
+    /// ratios to them.
+    #[command(after_help = BENCH_HELP)]
+    Bench(BenchArgs),
 }
 
 /// The environment `svcbroker up` reads, for its `--help`.
@@ -246,6 +253,64 @@ pub struct DeleteServiceArgs {
 /// Flags of `svcbroker nodes`.
 #[derive(Debug, Args)]
 pub struct NodesArgs {
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+/// What `svcbroker bench --help` adds below the flags.
+const BENCH_HELP: &str = "\
+The gateway is found through --url or SVCBROKER_URL, its credentials in
+SVCBROKER_USERNAME and SVCBROKER_PASSWORD. Instances and bindings it creates
+have ids starting with `bench-` and are deleted again (unless --keep).
+
+Components' memory is read from /proc: the process listening on the
+gateway's port (a `gateway`, or a `svcbroker up` holding all three), and the
+`allocator` and `node` processes listening on ports the gateway is connected
+to. A component in another container or host is reported as not visible.
+
+Targets it checks (the issue's): echo lifecycles/s >= 25% of (durable
+SQLite commits/s / 4); redis provision p50 <= spawn-to-PONG + 15 ms; each
+component <= 30 MB RSS with --instances 10000; catalog and last_operation
+p99 at --instances N no worse than at 100 instances.
+
+Exit codes: 0 the run completed (whether targets were met or not), 1 the
+run could not be done, 2 usage, 3 unknown service or plan, 4 credentials or
+connection.";
+
+/// Flags of `svcbroker bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// How long clients start new lifecycles (in-flight ones are finished).
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub seconds: u64,
+    /// Concurrent clients, each running lifecycles one after another.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub concurrency: usize,
+    /// Service to run lifecycles of (name or id).
+    #[arg(long, value_name = "NAME", default_value = "echo")]
+    pub service: String,
+    /// Plan (name or id); defaults to the service's first plan.
+    #[arg(long, value_name = "PLAN")]
+    pub plan: Option<String>,
+    /// Sends accepts_incomplete=true and polls last_operation (every 20 ms)
+    /// even when the plan does not require it; a call's latency is then
+    /// until its operation finished.
+    #[arg(long = "async")]
+    pub asynchronous: bool,
+    /// After the lifecycles: provisions instances of the service up to N
+    /// (at --concurrency), measuring catalog and last_operation latency at
+    /// 100 instances and at N, and each component's RSS at N.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub instances: usize,
+    /// Leaves the instances of --instances in place (for a second run or a
+    /// look at the gateway); by default they are deprovisioned.
+    #[arg(long)]
+    pub keep: bool,
+    /// Directory for the SQLite baseline's scratch database; by default the
+    /// directory of the gateway's database when visible, else the current
+    /// directory. Use the broker's disk: the baseline is that disk's fsync.
+    #[arg(long, value_name = "DIR")]
+    pub baseline_dir: Option<PathBuf>,
     #[command(flatten)]
     pub gateway: GatewayArgs,
 }

@@ -1,6 +1,6 @@
 //! `svcbroker`: the all-in-one local stack (`up`) and the operator CLI
 //! (`services`, `create-service`, `service`, `bind-service`,
-//! `unbind-service`, `delete-service`, `nodes`, `healthcheck`). Parsing and
+//! `unbind-service`, `delete-service`, `nodes`, `healthcheck`, `bench`). Parsing and
 //! dispatch only; each subcommand lives in its module.
 
 use std::process::ExitCode;
@@ -66,6 +66,7 @@ async fn operator(command: cli::Command) -> ExitCode {
         cli::Command::DeleteService(a) => ops::delete_service::run(a).await,
         cli::Command::Nodes(a) => ops::nodes::run(a).await,
         cli::Command::Healthcheck(a) => ops::healthcheck::run(a).await,
+        cli::Command::Bench(a) => ops::bench::run(a).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,6 @@
 //! The operator commands (`services`, `create-service`, `service`,
 //! `bind-service`, `unbind-service`, `delete-service`, `nodes`,
-//! `healthcheck`): one module per command, sharing the gateway client, the
+//! `healthcheck`, `bench`): one module per command, sharing the gateway client, the
 //! table printer, the progress display and the error type with its exit
 //! codes.
 
@@ -8,6 +8,7 @@ use std::io::Write as _;
 
 use serde_json::{Map, Value};
 
+pub mod bench;
 pub mod bind_service;
 pub mod client;
 pub mod create_service;
