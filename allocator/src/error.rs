@@ -51,6 +51,9 @@ pub enum Error {
     /// The store thread could not be started.
     #[error("cannot start the store thread: {0}")]
     Spawn(#[source] std::io::Error),
+    /// The WAL could not be synced: what is on disk is unknown.
+    #[error("cannot sync the database: {0}")]
+    Sync(#[from] std::io::Error),
     /// SQLite failed.
     #[error("storage: {0}")]
     Storage(#[from] rusqlite::Error),

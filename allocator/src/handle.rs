@@ -4,6 +4,11 @@
 //! One thread owns the only connection and takes jobs from a channel in
 //! order. That serialises writes inside the process, which SQLite would do
 //! anyway, without any lock contention or `SQLITE_BUSY` between tasks.
+//!
+//! Commits are grouped: the thread runs every job already queued, syncs the
+//! WAL once ([`Store::sync`]), and only then answers them, so concurrent
+//! requests share one fsync and none is answered before its commit is on
+//! disk.
 
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
@@ -16,7 +21,13 @@ use crate::{Error, Store};
 /// waits in the callers (applying backpressure) instead of growing memory.
 const QUEUE_DEPTH: usize = 256;
 
-type Job = Box<dyn FnOnce(&mut Store) + Send>;
+/// Most jobs run between two syncs.
+const MAX_BATCH: usize = 256;
+
+/// A job runs on the store thread and hands back the delivery of its
+/// result, which waits until the batch's commits are synced.
+type Job = Box<dyn FnOnce(&mut Store) -> Deliver + Send>;
+type Deliver = Box<dyn FnOnce() + Send>;
 
 enum Message {
     Job(Job),
@@ -50,23 +61,13 @@ impl StoreHandle {
                         return;
                     }
                 };
-                while let Some(message) = rx.blocking_recv() {
-                    match message {
-                        Message::Job(job) => {
-                            // A panicking job drops its transaction (rolled
-                            // back) and its reply sender (the caller gets
-                            // UNAVAILABLE); the store keeps serving others.
-                            if std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut store)))
-                                .is_err()
-                            {
-                                tracing::error!("store job panicked");
-                            }
-                        }
-                        Message::Close(ack) => {
-                            drop(store);
+                while let Some(first) = rx.blocking_recv() {
+                    if let Some(ack) = run_batch(&mut store, first, &mut rx) {
+                        drop(store);
+                        if let Some(ack) = ack {
                             let _ = ack.send(());
-                            return;
                         }
+                        return;
                     }
                 }
             })
@@ -85,10 +86,13 @@ impl StoreHandle {
     {
         let (reply_tx, reply_rx) = oneshot::channel();
         let job: Job = Box::new(move |store| {
-            // The caller may have gone (request cancelled); the work is
-            // committed regardless, which is fine since every call is
-            // idempotent.
-            let _ = reply_tx.send(f(store));
+            let result = f(store);
+            Box::new(move || {
+                // The caller may have gone (request cancelled); the work is
+                // committed regardless, which is fine since every call is
+                // idempotent.
+                let _ = reply_tx.send(result);
+            })
         });
         self.tx
             .send(Message::Job(job))
@@ -106,4 +110,51 @@ impl StoreHandle {
             let _ = ack_rx.await;
         }
     }
+}
+
+/// Runs `first` and the jobs queued behind it, syncs once if any of them
+/// changed something, then delivers their results. Returns `Some` when
+/// the thread must stop: asked to (with the acknowledgement to send once
+/// the database is closed), or the sync failed (after a failed fsync what
+/// is on disk is unknown, so the results are dropped, their callers get
+/// UNAVAILABLE, and the store serves nothing more).
+fn run_batch(
+    store: &mut Store,
+    first: Message,
+    rx: &mut mpsc::Receiver<Message>,
+) -> Option<Option<oneshot::Sender<()>>> {
+    let before = store.total_changes();
+    let mut deliveries: Vec<Deliver> = Vec::new();
+    let mut stop = None;
+    let mut next = Some(first);
+    while let Some(message) = next.take() {
+        match message {
+            Message::Job(job) => {
+                // A panicking job drops its transaction (rolled back) and
+                // its reply sender (the caller gets UNAVAILABLE); the store
+                // keeps serving others.
+                match std::panic::catch_unwind(AssertUnwindSafe(|| job(store))) {
+                    Ok(deliver) => deliveries.push(deliver),
+                    Err(_) => tracing::error!("store job panicked"),
+                }
+            }
+            Message::Close(ack) => {
+                stop = Some(Some(ack));
+                break;
+            }
+        }
+        if deliveries.len() < MAX_BATCH {
+            next = rx.try_recv().ok();
+        }
+    }
+    if store.total_changes() != before
+        && let Err(e) = store.sync()
+    {
+        tracing::error!(error = %e, "the allocator store stops");
+        return Some(stop.flatten());
+    }
+    for deliver in deliveries {
+        deliver();
+    }
+    stop
 }
