@@ -71,6 +71,9 @@ pub fn router(engine: Arc<Engine>, config: Arc<Config>) -> Router {
             &format!("{binding}/last_operation"),
             get(binding_last_operation),
         )
+        // An OSB path with a method it does not serve: the spec's JSON
+        // error body, not axum's empty 405 (axum still adds `Allow`).
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .route_layer(middleware::from_fn_with_state(state.clone(), osb_guard));
     Router::new()
@@ -154,6 +157,33 @@ async fn healthz(State(state): State<AppState>) -> Response {
 
 async fn not_found() -> Response {
     Error::NotFound("no such endpoint".into()).into_response()
+}
+
+/// Quotes a value taken from the request in an error description: at most
+/// 64 characters, control characters escaped, so that the description (and
+/// the log line recording the refusal) stays one short line whatever a
+/// client sends.
+fn shown(value: &str) -> String {
+    const MAX_CHARS: usize = 64;
+    let mut out = String::new();
+    for c in value.chars().take(MAX_CHARS) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    if value.chars().nth(MAX_CHARS).is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
+async fn method_not_allowed() -> Response {
+    reply(
+        StatusCode::METHOD_NOT_ALLOWED,
+        json!({ "description": "this endpoint does not serve this method" }),
+    )
 }
 
 async fn catalog(State(state): State<AppState>) -> Response {
@@ -265,6 +295,20 @@ fn opt_obj(body: &Map<String, Value>, key: &str) -> Result<Option<Value>, Error>
     }
 }
 
+/// spec.md "Bind Resource Object": `app_guid` and `route` are strings; a
+/// body that breaks their types is malformed (400), not a binding that
+/// records whatever was sent.
+fn check_bind_resource(bind_resource: &Value) -> Result<(), Error> {
+    for key in ["app_guid", "route"] {
+        if bind_resource.get(key).is_some_and(|v| !v.is_string()) {
+            return Err(Error::BadRequest(format!(
+                "field 'bind_resource.{key}' must be a string"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// `maintenance_info.version`, when sent.
 fn maintenance_version(body: &Map<String, Value>) -> Result<Option<String>, Error> {
     let Some(mi) = opt_obj(body, "maintenance_info")? else {
@@ -285,12 +329,15 @@ fn check_maintenance(plan: &PlanDef, requested: Option<&str>) -> Result<(), Erro
     match &plan.maintenance_info {
         Some(mi) if mi.version == requested => Ok(()),
         Some(mi) => Err(Error::MaintenanceInfoConflict(format!(
-            "maintenance_info.version {requested} does not match the catalog's {} for plan '{}'",
-            mi.version, plan.name
+            "maintenance_info.version {} does not match the catalog's {} for plan '{}'",
+            shown(requested),
+            mi.version,
+            plan.name
         ))),
         None => Err(Error::MaintenanceInfoConflict(format!(
-            "plan '{}' has no maintenance_info, but the request names version {requested}",
-            plan.name
+            "plan '{}' has no maintenance_info, but the request names version {}",
+            plan.name,
+            shown(requested)
         ))),
     }
 }
@@ -302,10 +349,11 @@ fn service_and_plan<'a>(
 ) -> Result<(&'a ServiceDef, &'a PlanDef), Error> {
     let svc = catalog
         .service(service_id)
-        .ok_or_else(|| Error::BadRequest(format!("unknown service_id '{service_id}'")))?;
+        .ok_or_else(|| Error::BadRequest(format!("unknown service_id '{}'", shown(service_id))))?;
     let plan = svc.plan(plan_id).ok_or_else(|| {
         Error::BadRequest(format!(
-            "plan_id '{plan_id}' is not a plan of service '{}'",
+            "plan_id '{}' is not a plan of service '{}'",
+            shown(plan_id),
             svc.name
         ))
     })?;
@@ -324,7 +372,9 @@ fn existing_service_and_plan(
     }
     service_and_plan(catalog, service_id, plan_id)?;
     Err(Error::Internal(format!(
-        "plan '{plan_id}' of service '{service_id}' not found"
+        "plan '{}' of service '{}' not found",
+        shown(plan_id),
+        shown(service_id)
     )))
 }
 
@@ -678,11 +728,12 @@ async fn update(
     let catalog = state.engine.catalog();
     let svc = catalog
         .service(&service_id)
-        .ok_or_else(|| Error::BadRequest(format!("unknown service_id '{service_id}'")))?;
+        .ok_or_else(|| Error::BadRequest(format!("unknown service_id '{}'", shown(&service_id))))?;
     if let Some(p) = &plan_id {
         svc.plan(p).ok_or_else(|| {
             Error::BadRequest(format!(
-                "plan_id '{p}' is not a plan of service '{}'",
+                "plan_id '{}' is not a plan of service '{}'",
+                shown(p),
                 svc.name
             ))
         })?;
@@ -695,7 +746,8 @@ async fn update(
     let inst = &view.instance;
     if inst.service_id != service_id {
         return Err(Error::BadRequest(format!(
-            "service_id '{service_id}' is not the service of instance '{instance_id}'"
+            "service_id '{}' is not the service of instance '{instance_id}'",
+            shown(&service_id)
         )));
     }
     let current_plan = svc.plan(&inst.plan_id).ok_or_else(|| {
@@ -822,7 +874,8 @@ async fn deprovision(
     if def.is_none() {
         if let Some(svc) = catalog.service(service_id) {
             return Err(Error::BadRequest(format!(
-                "plan_id '{plan_id}' is not a plan of service '{}'",
+                "plan_id '{}' is not a plan of service '{}'",
+                shown(plan_id),
                 svc.name
             )));
         }
@@ -831,7 +884,8 @@ async fn deprovision(
             .is_none_or(|v| v.instance.service_id != service_id)
         {
             return Err(Error::BadRequest(format!(
-                "unknown service_id '{service_id}'"
+                "unknown service_id '{}'",
+                shown(service_id)
             )));
         }
     }
@@ -842,7 +896,8 @@ async fn deprovision(
     };
     if view.instance.service_id != service_id {
         return Err(Error::BadRequest(format!(
-            "service_id '{service_id}' is not the service of instance '{instance_id}'"
+            "service_id '{}' is not the service of instance '{instance_id}'",
+            shown(service_id)
         )));
     }
     if let Some((svc, _)) = &def {
@@ -947,6 +1002,7 @@ async fn bind(
     let parameters = opt_obj(&body, "parameters")?.unwrap_or_else(|| json!({}));
     let app_guid = opt_str(&body, "app_guid")?;
     let mut bind_resource = opt_obj(&body, "bind_resource")?.unwrap_or_else(|| json!({}));
+    check_bind_resource(&bind_resource)?;
     if opt_str(&body, "predecessor_binding_id")?.is_some() {
         return Err(Error::BadRequest(
             "binding rotation (predecessor_binding_id) is not supported by this broker".into(),
@@ -1199,7 +1255,8 @@ async fn unbind(
     let view = view.ok_or_else(gone)?;
     if view.binding.service_id != service_id {
         return Err(Error::BadRequest(format!(
-            "service_id '{service_id}' is not the service of binding '{binding_id}'"
+            "service_id '{}' is not the service of binding '{binding_id}'",
+            shown(service_id)
         )));
     }
     if let Some(active) = view
