@@ -309,6 +309,29 @@ fn check_bind_resource(bind_resource: &Value) -> Result<(), Error> {
     Ok(())
 }
 
+/// `previous_values` is informational (the broker knows the instance's
+/// current values), but a body that breaks its types is malformed (spec.md
+/// "400 Bad Request | MUST be returned if the request is malformed"): the
+/// four ids are strings, `maintenance_info` an object.
+fn check_previous_values(body: &Map<String, Value>) -> Result<(), Error> {
+    let Some(Value::Object(prev)) = opt_obj(body, "previous_values")? else {
+        return Ok(());
+    };
+    for key in ["service_id", "plan_id", "organization_id", "space_id"] {
+        if prev.get(key).is_some_and(|v| !v.is_string()) {
+            return Err(Error::BadRequest(format!(
+                "field 'previous_values.{key}' must be a string"
+            )));
+        }
+    }
+    if prev.get("maintenance_info").is_some_and(|v| !v.is_object()) {
+        return Err(Error::BadRequest(
+            "field 'previous_values.maintenance_info' must be an object".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// `maintenance_info.version`, when sent.
 fn maintenance_version(body: &Map<String, Value>) -> Result<Option<String>, Error> {
     let Some(mi) = opt_obj(body, "maintenance_info")? else {
@@ -515,6 +538,17 @@ async fn provision(
     validate_params(plan, SchemaKind::InstanceCreate, &parameters)?;
     check_template_values(plan, &parameters)?;
     async_required(svc, accepts)?;
+    // Deprecated in favour of `context`, but still REQUIRED by spec.md
+    // ("organization_guid* ... MUST be a non-empty string"), and a request
+    // "missing mandatory data" MUST be a 400.
+    for (key, value) in [
+        ("organization_guid", &organization_guid),
+        ("space_guid", &space_guid),
+    ] {
+        if value.is_none() {
+            return Err(Error::BadRequest(format!("missing required field '{key}'")));
+        }
+    }
 
     let new = NewInstance {
         id: instance_id.clone(),
@@ -724,7 +758,7 @@ async fn update(
     let context = opt_obj(&body, "context")?;
     let parameters = opt_obj(&body, "parameters")?;
     let requested_mv = maintenance_version(&body)?;
-    opt_obj(&body, "previous_values")?;
+    check_previous_values(&body)?;
     let catalog = state.engine.catalog();
     let svc = catalog
         .service(&service_id)

@@ -352,7 +352,8 @@ async fn no_capacity_unknown_resources_and_422s() {
             Method::PUT,
             "/v2/service_instances/r1?accepts_incomplete=true",
         )
-        .json(&json!({"service_id": REDIS_SERVICE, "plan_id": REDIS_SMALL}))
+        .json(&json!({"service_id": REDIS_SERVICE, "plan_id": REDIS_SMALL,
+            "organization_guid": "o", "space_guid": "s"}))
         .send()
         .await
         .unwrap();
@@ -510,7 +511,8 @@ async fn sync_request_past_sync_timeout_is_503_and_continues() {
     gw.wait_live_nodes(1, Duration::from_secs(5)).await;
     let r = gw
         .req(Method::PUT, "/v2/service_instances/e1")
-        .json(&json!({"service_id": ECHO_SERVICE, "plan_id": ECHO_FREE}))
+        .json(&json!({"service_id": ECHO_SERVICE, "plan_id": ECHO_FREE,
+            "organization_guid": "o", "space_guid": "s"}))
         .send()
         .await
         .unwrap();

@@ -373,7 +373,8 @@ async fn operations_resume_after_restart_and_restarted_nodes_get_instances_back(
         .call(
             Method::PUT,
             "/v2/service_instances/r2?accepts_incomplete=true",
-            Some(json!({"service_id": REDIS_SERVICE, "plan_id": REDIS_SMALL})),
+            Some(json!({"service_id": REDIS_SERVICE, "plan_id": REDIS_SMALL,
+                "organization_guid": "o", "space_guid": "s"})),
         )
         .await;
     assert_eq!(status, 202, "{body}");

@@ -177,6 +177,8 @@ async fn provision(osb: &Osb, name: &str) -> (String, String) {
     let body = json!({
         "service_id": redis::SERVICE,
         "plan_id": redis::PLAN_SMALL,
+        "organization_guid": "svcbroker-e2e",
+        "space_guid": "svcbroker-e2e",
         "context": { "platform": "svcbroker-e2e", "instance_name": name },
     });
     let r = osb.provision(&id, &body, true).await;

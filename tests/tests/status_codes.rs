@@ -396,3 +396,81 @@ async fn request_identity_is_echoed_on_every_answer() {
     );
     check(&Osb::send(req).await, &rid, "unauthorized 401");
 }
+
+/// Bodies schemathesis found accepted although malformed (conformance/FINDINGS.md
+/// A4-A7): a `null` where the spec types an object, an empty or missing guid,
+/// and `previous_values` of the wrong types are each a 400 that changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_request_for_wrongly_typed_optional_fields() {
+    let stack = Stack::start_default().await;
+    let id = new_id();
+    let good = provision_body(echo::SERVICE, echo::PLAN_FREE, json!({"message": "a"}));
+    for (key, value) in [
+        ("parameters", json!(null)),
+        ("context", json!(null)),
+        ("maintenance_info", json!(null)),
+        ("space_guid", json!("")),
+        ("organization_guid", json!("")),
+    ] {
+        let mut body = good.clone();
+        body[key] = value;
+        assert_error(&stack.osb.provision(&id, &body, false).await, 400, None);
+    }
+    // Deprecated, but REQUIRED ("organization_guid*", "space_guid*").
+    for key in ["organization_guid", "space_guid"] {
+        let mut body = good.clone();
+        body.as_object_mut().unwrap().remove(key);
+        let r = stack.osb.provision(&id, &body, true).await;
+        assert_error(&r, 400, None);
+        assert!(r.text.contains(key), "{}", r.text);
+    }
+    stack.osb.get_instance(&id).await.expect(404);
+
+    stack.osb.provision(&id, &good, false).await.expect(201);
+    let mut bind = bind_body(echo::SERVICE, echo::PLAN_FREE);
+    bind["parameters"] = json!(null);
+    let bid = new_id();
+    assert_error(&stack.osb.bind(&id, &bid, &bind, false).await, 400, None);
+    stack.osb.get_binding(&id, &bid).await.expect(404);
+
+    for previous in [
+        json!({"space_id": {}}),
+        json!({"plan_id": 7}),
+        json!({"service_id": null}),
+        json!({"organization_id": ["org"]}),
+        json!({"maintenance_info": "1.0.0"}),
+        json!("old"),
+        json!(null),
+    ] {
+        let body = json!({
+            "service_id": echo::SERVICE,
+            "parameters": {"message": "b"},
+            "previous_values": previous,
+        });
+        assert_error(&stack.osb.update(&id, &body, false).await, 400, None);
+    }
+    let got = stack.osb.get_instance(&id).await;
+    got.expect(200);
+    assert_eq!(
+        got.body["parameters"],
+        json!({"message": "a"}),
+        "{}",
+        got.text
+    );
+
+    // Well-typed previous_values are informational and accepted.
+    let body = json!({
+        "service_id": echo::SERVICE,
+        "parameters": {"message": "b"},
+        "previous_values": {"plan_id": echo::PLAN_FREE, "space_id": "space-test"},
+    });
+    stack.osb.update(&id, &body, false).await.expect(200);
+    let got = stack.osb.get_instance(&id).await;
+    got.expect(200);
+    assert_eq!(
+        got.body["parameters"],
+        json!({"message": "b"}),
+        "{}",
+        got.text
+    );
+}

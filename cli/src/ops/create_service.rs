@@ -63,6 +63,10 @@ pub async fn run(args: CreateServiceArgs) -> Result<(), CliError> {
         "service_id": service_id,
         "plan_id": plan_id,
         "context": { "platform": PLATFORM, "instance_name": args.name },
+        // REQUIRED by OSB (deprecated in favour of context); the CLI has no
+        // organizations or spaces, so it names itself.
+        "organization_guid": PLATFORM,
+        "space_guid": PLATFORM,
         "parameters": parameters,
     });
     let mut progress = Progress::start(
