@@ -1258,11 +1258,45 @@ impl Engine {
     /// Provisions an instance again with what it was made of.
     async fn restore(&self, inst: &InstanceRow) -> Result<ProvisionResponse, Error> {
         let (svc, plan) = self.definition(&inst.service_id, &inst.plan_id)?;
+        self.hold_port_lease(inst, &svc).await?;
         let cred = self.issue_credential(&inst.id, "instance").await?;
         let request = provision_request(inst, &svc, &plan, &inst.parameters, &cred)?;
         self.node_provision(&inst.node_id, request)
             .await
             .map_err(|e| Error::Internal(scrub(&e.to_string(), &[cred.password.as_str()])))
+    }
+
+    /// Makes sure a process instance still leases the port it is recorded
+    /// with before it is started there again: a deprovision that failed
+    /// after releasing the port leaves the instance ready without its
+    /// lease, and the port may since have gone to another instance.
+    async fn hold_port_lease(&self, inst: &InstanceRow, svc: &ServiceDef) -> Result<(), Error> {
+        let Some(port) = inst.port.filter(|p| *p != 0) else {
+            return Ok(());
+        };
+        if svc.model != Model::Process {
+            return Ok(());
+        }
+        let range = self
+            .registry
+            .require_live(&inst.node_id)?
+            .info
+            .port_range
+            .ok_or_else(|| {
+                Error::Internal(format!("node '{}' announces no port range", inst.node_id))
+            })?;
+        let leased = self
+            .allocate_port(&inst.node_id, &inst.id, range, Some(port))
+            .await?;
+        if leased != port {
+            // Not ours any more: give back the other port it just got.
+            let _ = self.release_port(&inst.node_id, &inst.id).await;
+            return Err(Error::Internal(format!(
+                "port {port} of instance {} is leased to another instance",
+                inst.id
+            )));
+        }
+        Ok(())
     }
 
     /// Binds every ready binding of `inst` again; returns whether all were.

@@ -126,10 +126,16 @@ impl Error {
     ///
     /// UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED and ABORTED mean "not now"
     /// (a component restarting, a transport timeout, a busy database) and
-    /// become [`Error::Unavailable`]; every other code is permanent.
+    /// become [`Error::Unavailable`], as does a call whose connection broke
+    /// (see [`connection_broke`]); every other code is permanent.
     pub fn from_grpc(component: &str, status: tonic::Status) -> Error {
         use tonic::Code;
         let message = status.message().to_owned();
+        if connection_broke(&status) {
+            return Error::Unavailable {
+                message: format!("{component} is unavailable: {message}"),
+            };
+        }
         match status.code() {
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => {
                 Error::Unavailable {
@@ -267,6 +273,15 @@ impl IntoResponse for Error {
     }
 }
 
+/// True when `status` was made on this side because the connection broke
+/// under the call (the peer was killed mid-call: tonic answers UNKNOWN
+/// "transport error"): such a status carries the transport error as its
+/// source, one the peer sent never does. The call may or may not have run
+/// there; every call the gateway makes is idempotent, so it is retried.
+fn connection_broke(status: &tonic::Status) -> bool {
+    std::error::Error::source(status).is_some()
+}
+
 /// Removes every occurrence of the given secrets from `message`, so that
 /// text coming from a node (e.g. a daemon's stderr quoting its config file)
 /// can be kept in an operation's description.
@@ -276,4 +291,29 @@ pub fn scrub(message: &str, secrets: &[&str]) -> String {
         out = out.replace(*s, "<redacted>");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_whose_connection_broke_is_transient() {
+        // What tonic makes when the peer dies mid-call: UNKNOWN with the
+        // transport error as its source.
+        let broke = tonic::Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        )));
+        assert_eq!(broke.code(), tonic::Code::Unknown);
+        assert!(Error::from_grpc("allocator", broke).is_transient());
+    }
+
+    #[test]
+    fn an_unknown_status_the_peer_sent_is_permanent() {
+        let sent = tonic::Status::unknown("the handler failed");
+        let e = Error::from_grpc("node 'n1'", sent);
+        assert!(!e.is_transient());
+        assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
+    }
 }
