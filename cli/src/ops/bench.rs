@@ -471,7 +471,8 @@ async fn scale(
 }
 
 /// Provisions until `ids` holds `n` instances (attempts are capped, so a
-/// broker refusing every request ends the phase).
+/// broker refusing every request ends the phase). Each client claims a
+/// slot before it provisions, so that exactly `n` are made.
 async fn populate(
     ctx: &Arc<Ctx>,
     rec: &Arc<Recorder>,
@@ -481,27 +482,28 @@ async fn populate(
 ) {
     let have = ids.lock().map(|v| v.len()).unwrap_or(n);
     let todo = n.saturating_sub(have);
+    let slots = Arc::new(AtomicUsize::new(todo));
     let attempts = Arc::new(AtomicUsize::new(0));
     let max_attempts = todo + todo / 10 + 10;
     let start = Instant::now();
     let mut clients = Vec::new();
-    for _ in 0..concurrency.min(todo.max(1)) {
-        let (ctx, rec, ids, attempts) = (
-            Arc::clone(ctx),
-            Arc::clone(rec),
-            Arc::clone(ids),
-            Arc::clone(&attempts),
-        );
+    for _ in 0..concurrency.min(todo) {
+        let (ctx, rec, ids) = (Arc::clone(ctx), Arc::clone(rec), Arc::clone(ids));
+        let (slots, attempts) = (Arc::clone(&slots), Arc::clone(&attempts));
         clients.push(tokio::spawn(async move {
-            loop {
-                let len = ids.lock().map(|v| v.len()).unwrap_or(n);
-                if len >= n || attempts.fetch_add(1, Ordering::Relaxed) >= max_attempts {
+            while slots
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| s.checked_sub(1))
+                .is_ok()
+            {
+                if attempts.fetch_add(1, Ordering::SeqCst) >= max_attempts {
                     return;
                 }
                 let id = new_id();
-                if ctx.provision(&rec, &id).await.is_ok()
-                    && let Ok(mut v) = ids.lock()
-                {
+                if ctx.provision(&rec, &id).await.is_err() {
+                    slots.fetch_add(1, Ordering::SeqCst);
+                    continue;
+                }
+                if let Ok(mut v) = ids.lock() {
                     v.push(id);
                     if v.len().is_multiple_of(1000) {
                         eprintln!(
