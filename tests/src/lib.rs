@@ -3,6 +3,7 @@
 //! client library will not send ([`raw`]), `/proc` inspection ([`procs`])
 //! and bounded polling ([`poll`]).
 
+pub mod faults;
 pub mod fixtures;
 pub mod models_support;
 pub mod osb;

@@ -415,6 +415,8 @@ pub struct ProcStackOptions {
     pub orphan_grace_ms: u64,
     /// Instances the node accepts.
     pub capacity: u32,
+    /// The gateway's `sync_timeout_ms`.
+    pub sync_timeout_ms: u64,
 }
 
 impl Default for ProcStackOptions {
@@ -427,6 +429,7 @@ impl Default for ProcStackOptions {
             reconcile_interval_ms: 500,
             orphan_grace_ms: 1_000,
             capacity: 50,
+            sync_timeout_ms: 60_000,
         }
     }
 }
@@ -507,6 +510,7 @@ impl ProcStack {
             announce_interval_ms: 250,
             reconcile_interval_ms: opts.reconcile_interval_ms,
             orphan_grace_ms: opts.orphan_grace_ms,
+            sync_timeout_ms: opts.sync_timeout_ms,
             token: Some(crate::stack::TEST_TOKEN.into()),
             ..Default::default()
         };
@@ -550,15 +554,7 @@ impl ProcStack {
             _ports: ports,
             _dir: dir,
         };
-        stack.allocator = Some(stack.spawn(
-            "allocator",
-            &[
-                "--listen".into(),
-                alloc.to_string(),
-                "--db".into(),
-                stack.root.join("allocator.sqlite").display().to_string(),
-            ],
-        ));
+        stack.start_allocator();
         stack.start_node();
         stack.start_gateway();
         stack.wait_ready().await;
@@ -599,6 +595,15 @@ impl ProcStack {
         std::fs::read_to_string(self.log_path(name)).unwrap_or_default()
     }
 
+    /// Starts the allocator process (again) on its address and database.
+    pub fn start_allocator(&mut self) {
+        assert!(self.allocator.is_none(), "allocator already running");
+        let listen = self.allocator_url.trim_start_matches("http://").to_string();
+        let db = self.root.join("allocator.sqlite").display().to_string();
+        self.allocator =
+            Some(self.spawn("allocator", &["--listen".into(), listen, "--db".into(), db]));
+    }
+
     /// Starts the node process (again) on its config.
     pub fn start_node(&mut self) {
         assert!(self.node.is_none(), "node already running");
@@ -627,6 +632,20 @@ impl ProcStack {
     /// process groups of their own) and reaps it.
     pub fn kill_node(&mut self) {
         let mut child = self.node.take().expect("node running");
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+        let _ = child.wait();
+    }
+
+    /// SIGKILLs the gateway (no chance to finish anything) and reaps it.
+    pub fn kill_gateway(&mut self) {
+        let mut child = self.gateway.take().expect("gateway running");
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+        let _ = child.wait();
+    }
+
+    /// SIGKILLs the allocator and reaps it.
+    pub fn kill_allocator(&mut self) {
+        let mut child = self.allocator.take().expect("allocator running");
         let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
         let _ = child.wait();
     }
