@@ -853,6 +853,51 @@ fn issue_at(file: &Path, text: &str, needle: &str, message: String) -> Issue {
     }
 }
 
+/// What OSB ("Input Parameters Schema Object") requires of a published
+/// schema beyond being valid JSON Schema: "The `$schema` key MUST be present
+/// in the schema declaring the version of JSON schema the schema is using"
+/// and "Schemas MUST NOT be larger than 64kB". ("Schemas MUST NOT contain any
+/// external references": the validator, built without resolvers, already
+/// refuses to compile them.)
+fn osb_schema_rules(schema: &Value) -> Result<(), String> {
+    if !schema.get("$schema").is_some_and(Value::is_string) {
+        return Err("'$schema' (the JSON Schema version, e.g. \
+                    http://json-schema.org/draft-04/schema#) is required"
+            .into());
+    }
+    if serde_json::to_vec(schema).map_or(true, |b| b.len() > 64 * 1024) {
+        return Err("larger than 64kB".into());
+    }
+    Ok(())
+}
+
+/// `MAJOR.MINOR.PATCH[-pre][+build]` with numeric parts without leading
+/// zeros: OSB requires `maintenance_info.version` to be "a string conforming
+/// to a semantic version 2.0".
+fn is_semver(v: &str) -> bool {
+    let ident = |s: &str| {
+        !s.is_empty()
+            && s.split('.')
+                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+    };
+    let (rest, build) = match v.split_once('+') {
+        Some((r, b)) => (r, Some(b)),
+        None => (v, None),
+    };
+    let (core, pre) = match rest.split_once('-') {
+        Some((c, p)) => (c, Some(p)),
+        None => (rest, None),
+    };
+    let numeric = |p: &str| {
+        !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && (p == "0" || !p.starts_with('0'))
+    };
+    let parts: Vec<&str> = core.split('.').collect();
+    parts.len() == 3
+        && parts.iter().all(|p| numeric(p))
+        && pre.is_none_or(ident)
+        && build.is_none_or(ident)
+}
+
 fn is_http_url(url: &str) -> bool {
     url.starts_with("http://") || url.starts_with("https://")
 }
@@ -1288,11 +1333,28 @@ fn parse_service(file: &Path, text: &str) -> Result<ServiceDef, Vec<Issue>> {
                 ));
             }
         }
+        if let Some(m) = &p.maintenance_info
+            && !is_semver(&m.version)
+        {
+            local.push(issue_at(
+                file,
+                text,
+                "maintenance_info",
+                format!(
+                    "plan '{}': maintenance_info.version '{}' is not a semantic version \
+                     (MAJOR.MINOR.PATCH)",
+                    p.name, m.version
+                ),
+            ));
+        }
         let mut validators = Validators::default();
         if let Some(s) = &p.schemas {
             let mut compile = |schema: Option<&ParamsSchema>, what: &str| {
                 let schema = schema?;
-                match jsonschema::validator_for(&schema.parameters) {
+                match jsonschema::validator_for(&schema.parameters)
+                    .map_err(|e| e.to_string())
+                    .and_then(|v| osb_schema_rules(&schema.parameters).map(|()| v))
+                {
                     Ok(v) => Some((schema.parameters.clone(), v)),
                     Err(e) => {
                         local.push(issue_at(

@@ -170,6 +170,61 @@ fn rejects_bad_schema_and_names() {
     assert!(e.to_string().contains("needs a 'process' section"), "{e}");
 }
 
+/// OSB "Input Parameters Schema Object" and "Maintenance Info Object" rules
+/// a catalog must meet, checked at load (spec review, README "Spec
+/// conformance").
+#[test]
+fn rejects_schemas_and_maintenance_versions_osb_forbids() {
+    let schema = |body: &str| {
+        format!(
+            "{MINIMAL}    schemas:\n      service_instance:\n        create:\n          parameters:\n{body}"
+        )
+    };
+    let draft = "            $schema: http://json-schema.org/draft-04/schema#\n";
+    one(&schema(&format!("{draft}            type: object\n"))).expect("a valid schema loads");
+    for (body, needle) in [
+        ("            type: object\n".to_string(), "'$schema'"),
+        (
+            format!(
+                "{draft}            properties:\n              a:\n                $ref: http://example.invalid/s.json\n"
+            ),
+            // the validator has no resolver for it
+            "http://example.invalid/s.json",
+        ),
+        (
+            format!(
+                "{draft}            description: {}\n",
+                "x".repeat(65 * 1024)
+            ),
+            "64kB",
+        ),
+    ] {
+        let e = one(&schema(&body)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("invalid service_instance.create schema"),
+            "{e}"
+        );
+        assert!(e.to_string().contains(needle), "{needle}: {e}");
+    }
+    let local_ref = format!(
+        "{draft}            definitions:\n              s: {{type: string}}\n            properties:\n              a: {{$ref: '#/definitions/s'}}\n"
+    );
+    one(&schema(&local_ref)).expect("a local $ref is allowed");
+
+    let mi = |v: &str| format!("{MINIMAL}    maintenance_info: {{version: '{v}'}}\n");
+    for good in ["1.0.0", "10.20.30", "1.0.0-rc.1+build.5"] {
+        one(&mi(good)).unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+    for bad in ["1", "1.0", "01.0.0", "1.0.0-", "v1.0.0", "1.0.0+a..b"] {
+        let e = one(&mi(bad)).unwrap_err();
+        assert!(
+            e.to_string().contains("not a semantic version"),
+            "{bad}: {e}"
+        );
+    }
+}
+
 #[test]
 fn plan_variables_must_exist_in_every_plan() {
     let text = MINIMAL.replace("{{name}}", "{{size}}")
