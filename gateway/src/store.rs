@@ -500,8 +500,23 @@ pub struct Outcome {
 /// batch's commits are on disk.
 type Deliver = Box<dyn FnOnce() + Send>;
 
+/// Whether a job's writes must be on disk before its result is delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// Its commit is what an answer to a client stands on.
+    Durable,
+    /// Informational or redone on resume (an operation's step, a
+    /// placement the resumed operation records again): it becomes durable
+    /// with the next durable commit (the WAL is written in order) and
+    /// costs no fsync of its own.
+    Lazy,
+}
+
 enum Msg {
-    Job(Box<dyn FnOnce(&mut Connection) -> Deliver + Send>),
+    Job(
+        Box<dyn FnOnce(&mut Connection) -> Deliver + Send>,
+        Durability,
+    ),
     Close,
 }
 
@@ -521,13 +536,17 @@ fn run_batch(
     first: Msg,
     rx: &std::sync::mpsc::Receiver<Msg>,
 ) -> bool {
-    let before = conn.total_changes();
+    let mut needs_sync = false;
     let mut deliveries: Vec<Deliver> = Vec::new();
     let mut next = Some(first);
     let mut keep_running = true;
     while let Some(msg) = next.take() {
         match msg {
-            Msg::Job(job) => deliveries.push(job(conn)),
+            Msg::Job(job, durability) => {
+                let before = conn.total_changes();
+                deliveries.push(job(conn));
+                needs_sync |= durability == Durability::Durable && conn.total_changes() != before;
+            }
             Msg::Close => {
                 keep_running = false;
                 break;
@@ -537,9 +556,7 @@ fn run_batch(
             next = rx.try_recv().ok();
         }
     }
-    if conn.total_changes() != before
-        && let Err(e) = wal.sync()
-    {
+    if needs_sync && let Err(e) = wal.sync() {
         tracing::error!(error = %e, "cannot sync the gateway database's WAL; the store stops");
         // Dropping the deliveries answers every caller ShuttingDown.
         return false;
@@ -650,20 +667,42 @@ impl Store {
         })
     }
 
-    /// Runs `f` on the store thread and returns its result.
+    /// Runs `f` on the store thread and returns its result once what it
+    /// wrote is on disk.
     pub async fn call<R, F>(&self, f: F) -> Result<R, Error>
+    where
+        F: FnOnce(&mut Connection) -> Result<R, Error> + Send + 'static,
+        R: Send + 'static,
+    {
+        self.call_with(Durability::Durable, f).await
+    }
+
+    /// Runs `f` on the store thread and returns its result without
+    /// waiting for its own fsync (see [`Durability::Lazy`]).
+    async fn call_lazy<R, F>(&self, f: F) -> Result<R, Error>
+    where
+        F: FnOnce(&mut Connection) -> Result<R, Error> + Send + 'static,
+        R: Send + 'static,
+    {
+        self.call_with(Durability::Lazy, f).await
+    }
+
+    async fn call_with<R, F>(&self, durability: Durability, f: F) -> Result<R, Error>
     where
         F: FnOnce(&mut Connection) -> Result<R, Error> + Send + 'static,
         R: Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Msg::Job(Box::new(move |conn| {
-                let result = f(conn);
-                Box::new(move || {
-                    let _ = tx.send(result);
-                })
-            })))
+            .send(Msg::Job(
+                Box::new(move |conn| {
+                    let result = f(conn);
+                    Box::new(move || {
+                        let _ = tx.send(result);
+                    })
+                }),
+                durability,
+            ))
             .map_err(|_| Error::ShuttingDown)?;
         rx.await.map_err(|_| Error::ShuttingDown)?
     }
@@ -1068,7 +1107,11 @@ impl Store {
     }
 
     /// Records the step an operation reached and, optionally, a progress
-    /// description.
+    /// description. Informational: queued without waiting (jobs run in
+    /// order, so it lands before the operation's end, and the guard on
+    /// `state` keeps a late one from touching a finished operation) and
+    /// without an fsync of its own ([`Durability::Lazy`]). A failure is
+    /// logged, not returned.
     pub async fn set_step(
         &self,
         op_id: &str,
@@ -1076,15 +1119,19 @@ impl Store {
         description: Option<String>,
     ) -> Result<(), Error> {
         let (op_id, step) = (op_id.to_owned(), step.to_owned());
-        self.call(move |conn| {
-            conn.execute(
+        let job = move |conn: &mut Connection| -> Deliver {
+            if let Err(e) = conn.execute(
                 "UPDATE operations SET step = ?2, description = COALESCE(?3, description),
                      updated_at = ?4 WHERE id = ?1 AND state = 'in progress'",
                 params![op_id, step, description, now_ms()],
-            )?;
-            Ok(())
-        })
-        .await
+            ) {
+                tracing::warn!(error = %e, "cannot record an operation's step");
+            }
+            Box::new(|| {})
+        };
+        self.tx
+            .send(Msg::Job(Box::new(job), Durability::Lazy))
+            .map_err(|_| Error::ShuttingDown)
     }
 
     /// Records where an instance landed: its port and what its node said
@@ -1095,7 +1142,10 @@ impl Store {
         placement: Placement,
     ) -> Result<(), Error> {
         let id = instance_id.to_owned();
-        self.call(move |conn| {
+        // Lazy: a resumed provision records the placement again (the port
+        // lease is the allocator's, idempotent per owner), and the
+        // operation's durable end makes it durable with it.
+        self.call_lazy(move |conn| {
             conn.execute(
                 "UPDATE instances SET port = ?2, host = ?3, dir = ?4, bind_host = ?5,
                      node_attributes = ?6, updated_at = ?7 WHERE id = ?1",
