@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Spec conformance: schemathesis against a live `svcbroker up`, with the official OSB v2.17
 # openapi.yaml plus conformance/overlay.yaml (documented fixes where the spec FILE is wrong/silent).
-# Usage: conformance/run.sh   (env: ST_MAX_EXAMPLES, ST_SEED, OSB_SPEC, ST_EXTRA_ARGS, CONFORMANCE_OVERLAY)
+# Usage: conformance/run.sh   (env: ST_MAX_EXAMPLES, ST_SEED, ST_SERVICE, OSB_SPEC, ST_EXTRA_ARGS, CONFORMANCE_OVERLAY)
 # Exit status: schemathesis' own.
 set -euo pipefail
 
@@ -14,18 +14,31 @@ SEED="${ST_SEED:-20261125}"
 MAX_EXAMPLES="${ST_MAX_EXAMPLES:-25}"
 VENV="$ROOT/target/conformance-venv"
 OUT="$ROOT/target/conformance"
-SERVICE=echo   # record-only service: needs no daemon
+# echo is a record-only service (no daemon), so CI stays fast and deterministic; ST_SERVICE=redis (etc.)
+# probes another service's published schemas and lifecycle locally.
+SERVICE="${ST_SERVICE:-echo}"
 mkdir -p "$OUT"
 
-# 1. schemathesis in a venv under target/ (already git-ignored)
+# 1. schemathesis in a venv under target/ (already git-ignored), pinned so that a run is reproducible
 if ! "$VENV/bin/st" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet "schemathesis==$SCHEMATHESIS_VERSION"
+  rm -rf "$VENV"
+  if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
+    # Debian and Ubuntu ship the venv module separately.
+    if command -v apt-get >/dev/null 2>&1; then
+      SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+      $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    fi
+    rm -rf "$VENV"
+    python3 -m venv "$VENV" || { echo "conformance: python3 -m venv failed (install python3-venv)" >&2; exit 2; }
+  fi
+  "$VENV/bin/pip" install --quiet "schemathesis==$SCHEMATHESIS_VERSION" ||
+    { echo "conformance: cannot install schemathesis $SCHEMATHESIS_VERSION" >&2; rm -rf "$VENV"; exit 2; }
 fi
 
-# 2. the broker
+# 2. the broker, built the way scripts/test.sh builds it (a no-op there; the same feature set, so
+#    no rebuild of dependencies)
+cargo build --quiet --workspace --bins
 BIN="$ROOT/target/debug/svcbroker"
-[ -x "$BIN" ] || cargo build -p svcbroker
 PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 DATA="$(mktemp -d)"
 export SVCBROKER_USERNAME=conformance

@@ -45,6 +45,11 @@ else
   cargo test --workspace --no-fail-fast || failed+=("tests")
 fi
 
+log "conformance/run.sh (schemathesis, the official OSB v2.17 spec, against svcbroker up)"
+# Fixed seed and bounded examples: about 20 s (plus about 30 s the first time,
+# when it installs schemathesis into target/conformance-venv).
+conformance/run.sh || failed+=("conformance")
+
 log "cargo fmt --all --check"
 cargo fmt --all --check || failed+=("fmt")
 
