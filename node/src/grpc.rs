@@ -35,19 +35,26 @@ async fn detached<T: Send + 'static>(
     }
 }
 
+/// Puts the instance id on the handler's span once it is validated: a raw
+/// id could forge log lines (a newline) or flood them (megabytes).
+fn record_instance(id: &str) {
+    tracing::Span::current().record("instance_id", id);
+}
+
 #[tonic::async_trait]
 impl NodeAgent for Agent {
     async fn describe(&self, _req: Request<DescribeRequest>) -> Result<Response<NodeInfo>, Status> {
         Ok(Response::new(self.node.info()))
     }
 
-    #[tracing::instrument(skip_all, fields(instance_id = %req.get_ref().instance_id))]
+    #[tracing::instrument(skip_all, fields(instance_id = tracing::field::Empty))]
     async fn provision(
         &self,
         req: Request<ProvisionRequest>,
     ) -> Result<Response<ProvisionResponse>, Status> {
         let node = self.node.clone();
         let p = Provision::from_request(req.into_inner(), |port| node.port_in_range(port))?;
+        record_instance(&p.instance_id);
         let result = detached(async move {
             node.provision(p).await.inspect_err(|e| {
                 tracing::warn!(error = %e.summary(), "provision failed");
@@ -61,13 +68,14 @@ impl NodeAgent for Agent {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(instance_id = %req.get_ref().instance_id))]
+    #[tracing::instrument(skip_all, fields(instance_id = tracing::field::Empty))]
     async fn deprovision(
         &self,
         req: Request<DeprovisionRequest>,
     ) -> Result<Response<DeprovisionResponse>, Status> {
         let node = self.node.clone();
         let d = Deprovision::from_request(req.into_inner())?;
+        record_instance(&d.instance_id);
         let removed = detached(async move {
             node.deprovision(d).await.inspect_err(|e| {
                 tracing::warn!(error = %e.summary(), "deprovision failed");
@@ -77,10 +85,11 @@ impl NodeAgent for Agent {
         Ok(Response::new(DeprovisionResponse { removed }))
     }
 
-    #[tracing::instrument(skip_all, fields(instance_id = %req.get_ref().instance_id))]
+    #[tracing::instrument(skip_all, fields(instance_id = tracing::field::Empty))]
     async fn bind(&self, req: Request<BindRequest>) -> Result<Response<BindResponse>, Status> {
         // The request carries a password: it is never logged as a whole.
         let b = Binding::from_bind(req.into_inner())?;
+        record_instance(&b.instance_id);
         let node = self.node.clone();
         detached(async move {
             node.bind(&b).await.inspect_err(|e| {
@@ -91,12 +100,13 @@ impl NodeAgent for Agent {
         Ok(Response::new(BindResponse {}))
     }
 
-    #[tracing::instrument(skip_all, fields(instance_id = %req.get_ref().instance_id))]
+    #[tracing::instrument(skip_all, fields(instance_id = tracing::field::Empty))]
     async fn unbind(
         &self,
         req: Request<UnbindRequest>,
     ) -> Result<Response<UnbindResponse>, Status> {
         let b = Binding::from_unbind(req.into_inner())?;
+        record_instance(&b.instance_id);
         let node = self.node.clone();
         detached(async move {
             node.unbind(&b).await.inspect_err(|e| {

@@ -144,7 +144,8 @@ fn validate_command(at: &str, c: pb::CommandHook) -> Result<CommandHook, Error> 
     for (k, v) in &env {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
             return Err(Error::InvalidArgument(format!(
-                "{at}.command.env name {k:?} must be non-empty without '=' or NUL, value without NUL"
+                "{at}.command.env name {:?} must be non-empty without '=' or NUL, value without NUL",
+                k.chars().take(64).collect::<String>()
             )));
         }
     }
@@ -162,7 +163,12 @@ fn validate_http(at: &str, h: pb::HttpHook) -> Result<HttpHook, Error> {
     let method = reqwest::Method::from_bytes(h.method.to_ascii_uppercase().as_bytes())
         .ok()
         .filter(|_| !h.method.is_empty())
-        .ok_or_else(|| bad(format!("method {:?} is not an HTTP method", h.method)))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "method {:?} is not an HTTP method",
+                h.method.chars().take(64).collect::<String>()
+            ))
+        })?;
     // The URL is never quoted: its userinfo may hold a password.
     let url = reqwest::Url::parse(&h.url).map_err(|e| bad(format!("url does not parse: {e}")))?;
     match url.scheme() {
@@ -177,11 +183,16 @@ fn validate_http(at: &str, h: pb::HttpHook) -> Result<HttpHook, Error> {
     }
     let mut headers = HeaderMap::new();
     for (k, v) in h.headers {
-        let name = HeaderName::from_bytes(k.as_bytes())
-            .map_err(|_| bad(format!("headers: {k:?} is not a header name")))?;
+        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| {
+            bad(format!(
+                "headers: {:?} is not a header name",
+                k.chars().take(64).collect::<String>()
+            ))
+        })?;
         let value = HeaderValue::from_str(&v).map_err(|_| {
             bad(format!(
-                "headers: value of {k:?} is not a valid header value"
+                "headers: value of {:?} is not a valid header value",
+                k.chars().take(64).collect::<String>()
             ))
         })?;
         headers.insert(name, value);

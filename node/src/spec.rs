@@ -50,7 +50,8 @@ impl Kind {
             "database" => Ok(Kind::Database),
             "directory" => Ok(Kind::Directory),
             other => Err(Error::InvalidArgument(format!(
-                "unsupported kind {other:?} (this node runs \"none\", \"process\", \"database\" and \"directory\")"
+                "unsupported kind {:?} (this node runs \"none\", \"process\", \"database\" and \"directory\")",
+                truncate(other, 64)
             ))),
         }
     }
@@ -65,6 +66,10 @@ impl Kind {
         }
     }
 }
+
+/// Linux's MAX_ARG_STRLEN (32 pages of 4 KiB): the longest single argument
+/// or `NAME=value` string `execve` accepts.
+const MAX_ARG_STRLEN: usize = 32 * 4096;
 
 /// Smallest directory cap: below this an ext4 image is mostly metadata.
 pub(crate) const MIN_DIRECTORY_BYTES: u64 = 1024 * 1024;
@@ -81,7 +86,7 @@ pub(crate) fn validate_database(field: &str, d: DatabaseSpec) -> Result<DbSpec, 
     if d.engine != "postgresql" {
         return Err(Error::InvalidArgument(format!(
             "{field}.engine {:?} is not supported (this node runs \"postgresql\")",
-            d.engine
+            truncate(&d.engine, 64)
         )));
     }
     crate::pg::validate_name(&format!("{field}.name"), &d.name)?;
@@ -157,6 +162,8 @@ impl Binding {
         database: Option<DatabaseSpec>,
     ) -> Result<Self, Error> {
         validate_instance_id(&instance_id)?;
+        // Not a directory name, but it reaches hooks and log lines.
+        validate_id("binding_id", &binding_id)?;
         let kind = Kind::parse_optional(kind)?;
         let database = match (kind, database) {
             (Some(Kind::Database), d) => {
@@ -264,12 +271,22 @@ impl fmt::Debug for RunSpec {
 /// file name's) of `[A-Za-z0-9._~-]`, not `.` or `..`. It names a directory
 /// under `data_dir`, so nothing else is safe.
 pub(crate) fn validate_instance_id(id: &str) -> Result<(), Error> {
+    // The node's own folder for images and directory records.
+    if id == crate::directory::IMAGES_DIR {
+        return Err(Error::InvalidArgument(format!(
+            "instance_id {id:?} is reserved by the node"
+        )));
+    }
+    validate_id("instance_id", id)
+}
+
+/// Checks an id the gateway made (instance or binding): the same rule as
+/// the gateway's, so that it can name a file and appear in a log line.
+fn validate_id(field: &str, id: &str) -> Result<(), Error> {
     let ok = !id.is_empty()
         && id.len() <= 255
         && id != "."
         && id != ".."
-        // The node's own folder for images and directory records.
-        && id != crate::directory::IMAGES_DIR
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'~'));
@@ -277,10 +294,27 @@ pub(crate) fn validate_instance_id(id: &str) -> Result<(), Error> {
         Ok(())
     } else {
         Err(Error::InvalidArgument(format!(
-            "instance_id {:?} must be 1 to 255 characters of [A-Za-z0-9._~-] and not \".\" or \"..\"",
-            truncate(id, 260)
+            "{field} {:?} must be 1 to 255 characters of [A-Za-z0-9._~-] and not \".\" or \"..\"",
+            truncate(id, 64)
         )))
     }
+}
+
+/// Checks a catalog name the node records and lists (service, plan): at
+/// most 255 bytes, no control characters. The value is not echoed.
+fn validate_label(field: &str, value: &str) -> Result<(), Error> {
+    if value.len() > 255 {
+        return Err(Error::InvalidArgument(format!(
+            "{field} is {} bytes long, at most 255 are allowed",
+            value.len()
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Error::InvalidArgument(format!(
+            "{field} contains a control character"
+        )));
+    }
+    Ok(())
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -291,12 +325,24 @@ fn truncate(s: &str, max: usize) -> &str {
 }
 
 fn validate_file_path(raw: &str) -> Result<PathBuf, Error> {
-    let bad = |why: &str| Err(Error::InvalidArgument(format!("file path {raw:?} {why}")));
+    let bad = |why: &str| {
+        Err(Error::InvalidArgument(format!(
+            "file path {:?} {why}",
+            truncate(raw, 64)
+        )))
+    };
     if raw.is_empty() {
         return bad("is empty");
     }
     if raw.contains('\0') {
         return bad("contains a NUL byte");
+    }
+    // Linux's PATH_MAX and NAME_MAX: longer could never be written.
+    if raw.len() >= 4096 {
+        return bad("is 4096 bytes or longer");
+    }
+    if raw.split('/').any(|part| part.len() > 255) {
+        return bad("has a component longer than 255 bytes");
     }
     let path = Path::new(raw);
     if path.is_absolute() {
@@ -336,12 +382,28 @@ fn validate_process(p: ProcessSpec) -> Result<RunSpec, Error> {
             "process.argv must not contain NUL bytes".to_owned(),
         ));
     }
+    // Linux refuses any single argument or environment string longer than
+    // MAX_ARG_STRLEN at exec time; such a spec can never start.
+    if p.argv.iter().any(|a| a.len() >= MAX_ARG_STRLEN) {
+        return Err(Error::InvalidArgument(format!(
+            "process.argv has an argument of {MAX_ARG_STRLEN} bytes or more"
+        )));
+    }
     let mut env: Vec<(String, String)> = p.env.into_iter().collect();
+    if env
+        .iter()
+        .any(|(k, v)| k.len() + v.len() + 1 >= MAX_ARG_STRLEN)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "process.env has a variable of {MAX_ARG_STRLEN} bytes or more"
+        )));
+    }
     for (k, v) in &env {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
             // The value is not echoed: it may be a secret.
             return Err(Error::InvalidArgument(format!(
-                "process.env name {k:?} must be non-empty without '=' or NUL, value without NUL"
+                "process.env name {:?} must be non-empty without '=' or NUL, value without NUL",
+                truncate(k, 64)
             )));
         }
     }
@@ -376,6 +438,9 @@ impl Provision {
         if req.service.is_empty() {
             return Err(Error::InvalidArgument("service must be set".to_owned()));
         }
+        // Both are recorded with the instance, listed and logged.
+        validate_label("service", &req.service)?;
+        validate_label("plan", &req.plan)?;
         let kind = Kind::parse(&req.kind)?;
         let mut database = None;
         let mut size_limit_bytes = 0;
