@@ -217,7 +217,7 @@ fn poisoned() -> Error {
 
 fn connect(url: &str, token: &BearerToken) -> Result<NodeAgentClient<AuthChannel>, Error> {
     let endpoint = Endpoint::from_shared(url.to_owned())
-        .map_err(|e| Error::BadRequest(format!("invalid node grpc_url {url:?}: {e}")))?
+        .map_err(|e| Error::BadRequest(format!("invalid node grpc_url: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
     Ok(NodeAgentClient::new(token.wrap(endpoint.connect_lazy())))
@@ -227,6 +227,26 @@ fn connect(url: &str, token: &BearerToken) -> Result<NodeAgentClient<AuthChannel
 /// an unusable node.
 fn validate_node_info(info: &NodeInfo) -> Result<(), Error> {
     validate_id("node_id", &info.node_id)?;
+    let node = &info.node_id;
+    // Every string is logged, listed by the admin API or rendered into
+    // credentials and instance files: bounded, and on one line.
+    check_text(node, "grpc_url", &info.grpc_url, 1024)?;
+    check_text(node, "boot_id", &info.boot_id, 255)?;
+    check_text(node, "advertise_host", &info.advertise_host, 255)?;
+    check_text(node, "bind_host", &info.bind_host, 255)?;
+    check_text(node, "data_dir", &info.data_dir, 4096)?;
+    for service in &info.services {
+        if service.is_empty() {
+            return Err(Error::BadRequest(format!(
+                "node {node}: a service name is empty"
+            )));
+        }
+        check_text(node, "a service name", service, 255)?;
+    }
+    for (key, value) in &info.attributes {
+        check_text(node, "an attribute name", key, 255)?;
+        check_text(node, "an attribute value", value, 4096)?;
+    }
     if !(info.grpc_url.starts_with("http://") || info.grpc_url.starts_with("https://")) {
         return Err(Error::BadRequest(format!(
             "node {}: grpc_url must be an http:// or https:// URL",
@@ -245,6 +265,23 @@ fn validate_node_info(info: &NodeInfo) -> Result<(), Error> {
         return Err(Error::BadRequest(format!(
             "node {}: invalid port_range {}-{}",
             info.node_id, r.start, r.end
+        )));
+    }
+    Ok(())
+}
+
+/// Checks one string of an announcement; the message names the field, never
+/// echoes the value.
+fn check_text(node: &str, field: &str, value: &str, max: usize) -> Result<(), Error> {
+    if value.len() > max {
+        return Err(Error::BadRequest(format!(
+            "node {node}: {field} is {} bytes long, at most {max} are allowed",
+            value.len()
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Error::BadRequest(format!(
+            "node {node}: {field} contains a control character"
         )));
     }
     Ok(())
@@ -273,7 +310,10 @@ impl Registry for RegistryService {
         let Some(info) = request.into_inner().node else {
             return Err(Status::invalid_argument("node is required"));
         };
-        tracing::Span::current().record("node_id", info.node_id.as_str());
+        // Only a valid id goes on the span: a raw one could forge log lines.
+        if validate_id("node_id", &info.node_id).is_ok() {
+            tracing::Span::current().record("node_id", info.node_id.as_str());
+        }
         let new_boot = self
             .registry
             .record(info)
