@@ -69,7 +69,7 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
         .clone()
         .or_else(|| components.lock().ok()?.gateway_db_dir.clone())
         .unwrap_or_else(|| std::path::PathBuf::from("."));
-    let baselines = Baselines::measure(baseline_dir).await;
+    let mut baselines = Baselines::measure(baseline_dir).await;
 
     let sampler = tokio::spawn(sample(Arc::clone(&components), port));
     let load = lifecycles(&ctx, args.concurrency, Duration::from_secs(args.seconds)).await;
@@ -88,6 +88,9 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
         None
     };
     sampler.abort();
+    // Again after the load: a disk shared with other work syncs at a
+    // varying rate, and the ratio is to the mean of both.
+    baselines.measure_commits_again().await;
     let components = {
         let mut c = components.lock().map(|c| c.clone()).unwrap_or_default();
         c.sample();
@@ -583,7 +586,10 @@ async fn remove(ctx: &Arc<Ctx>, ids: Vec<String>, concurrency: usize) {
 /// The host's physical baselines; an `Err` says why one could not be taken.
 struct Baselines {
     dir: std::path::PathBuf,
+    /// The mean of `commit_runs`.
     commits_per_s: Result<f64, String>,
+    /// Durable commits/s before and after the load.
+    commit_runs: Vec<f64>,
     spawn_to_pong_ms: Result<f64, String>,
 }
 
@@ -597,8 +603,21 @@ impl Baselines {
         let spawn_to_pong_ms = baseline::redis_spawn_to_pong_ms().await;
         Baselines {
             dir,
+            commit_runs: commits_per_s.iter().copied().collect(),
             commits_per_s,
             spawn_to_pong_ms,
+        }
+    }
+
+    async fn measure_commits_again(&mut self) {
+        if self.commits_per_s.is_err() {
+            return;
+        }
+        eprintln!("bench: measuring durable SQLite commits/s again");
+        if let Ok(c) = baseline::sqlite_commits_per_s(self.dir.clone()).await {
+            self.commit_runs.push(c);
+            self.commits_per_s =
+                Ok(self.commit_runs.iter().sum::<f64>() / self.commit_runs.len() as f64);
         }
     }
 
@@ -606,6 +625,7 @@ impl Baselines {
         json!({
             "sqlite_dir": self.dir.display().to_string(),
             "sqlite_durable_commits_per_s": or_why(self.commits_per_s.as_ref().map(|c| round(*c))),
+            "sqlite_durable_commits_per_s_before_after": self.commit_runs.iter().map(|c| round(*c)).collect::<Vec<_>>(),
             "redis_spawn_to_pong_ms": or_why(self.spawn_to_pong_ms.as_ref().map(|c| round(*c))),
         })
     }
@@ -792,10 +812,11 @@ impl Report<'_> {
         t.push_str("memory\n");
         t.push_str(&components_text(&self.components.to_json()));
         t.push_str(&format!(
-            "baselines (scratch database in {})\n  durable SQLite commits/s: {}\n  \
+            "baselines (scratch database in {})\n  durable SQLite commits/s: {} (before, after: {:?})\n  \
              redis-server spawn-to-PONG ms: {}\n",
             self.baselines.dir.display(),
             figure(&self.baselines.commits_per_s),
+            self.baselines.commit_runs.iter().map(|c| round(*c)).collect::<Vec<_>>(),
             figure(&self.baselines.spawn_to_pong_ms),
         ));
         t.push_str("ratios\n");
