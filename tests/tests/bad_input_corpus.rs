@@ -669,6 +669,21 @@ fn body_cases(f: &Fixture, fresh: &str, fresh_b: &str, cases: &mut Vec<Case>) {
             ));
         }
     }
+    // Unknown and foreign ids refused the same way for asynchronous clients.
+    for (service, plan) in [
+        (new_id(), echo::PLAN_FREE.to_string()),
+        (echo::SERVICE.to_string(), new_id()),
+        (echo::SERVICE.to_string(), redis::PLAN_SMALL.to_string()),
+    ] {
+        let body = provision_body(&service, &plan, json!({}));
+        cases.push(case(
+            format!("async provision of {service}/{plan}"),
+            "PUT",
+            format!("{put}?accepts_incomplete=true"),
+            &to_bytes(&body),
+            400,
+        ));
+    }
     // A binding with another service's ids, and rotation (not supported).
     let mut other = good_bind.clone();
     other["service_id"] = json!(redis::SERVICE);
