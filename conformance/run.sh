@@ -47,7 +47,15 @@ URL="http://127.0.0.1:$PORT"
 "$BIN" up --data-dir "$DATA" --http "127.0.0.1:$PORT" --allocator-grpc 127.0.0.1:0 \
   --node-grpc 127.0.0.1:0 --gateway-grpc 127.0.0.1:0 >"$OUT/broker.log" 2>&1 &
 PID=$!
-cleanup() { kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null; rm -rf "$DATA"; }
+# Instances outlive the broker (by design), so a probe of the filesystem service leaves its size-capped
+# directories mounted: unmount what is under $DATA before removing it.
+cleanup() {
+  kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
+  { findmnt -rn -o TARGET 2>/dev/null | grep "^$DATA/" || true; } | while read -r m; do
+    umount "$m" 2>/dev/null || umount -l "$m" || true
+  done
+  rm -rf "$DATA"
+}
 trap cleanup EXIT INT TERM
 
 for _ in $(seq 1 100); do
