@@ -86,6 +86,9 @@ pub fn router(engine: Arc<Engine>, config: Arc<Config>) -> Router {
 
 // ---- middleware -------------------------------------------------------------
 
+/// Characters of a request identity that are logged and passed on.
+const MAX_LOGGED_REQUEST_ID: usize = 128;
+
 /// Echoes (or generates) the request identity and runs the request in a
 /// span carrying it, so every log line of the request can be correlated.
 async fn request_identity(req: Request, next: Next) -> Response {
@@ -98,7 +101,13 @@ async fn request_identity(req: Request, next: Next) -> Response {
         HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
     });
-    let id = String::from_utf8_lossy(value.as_bytes()).into_owned();
+    // The id goes on every log line of the request (and of the gRPC calls it
+    // causes): a GUID fits with room to spare, a 64 KiB header must not
+    // flood the logs (spec.md: the broker MAY log it; the echo stays whole).
+    let id: String = String::from_utf8_lossy(value.as_bytes())
+        .chars()
+        .take(MAX_LOGGED_REQUEST_ID)
+        .collect();
     let span = tracing::info_span!("request", request_id = %id, method = %req.method(),
         path = %req.uri().path());
     // gRPC calls this request causes carry its id as `x-request-id`.
