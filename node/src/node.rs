@@ -683,6 +683,9 @@ impl Node {
             }
         }
 
+        if pre_existing {
+            self.stop_unrecorded_daemons(id, &dir).await;
+        }
         if let Err(e) = process::write_files(&dir, &run.files) {
             cleanup();
             return Err(e);
@@ -758,6 +761,18 @@ impl Node {
                     stderr_tail,
                 })
             }
+        }
+    }
+
+    /// Stops what still runs in a process instance's directory that the
+    /// node does not hold: a daemon whose node was killed after starting it
+    /// but before recording it in the metadata (found by working directory).
+    /// Left running, it would keep the instance's port, so the instance
+    /// could never start again, and outlive its deprovision.
+    async fn stop_unrecorded_daemons(&self, id: &str, dir: &Path) {
+        for pid in procfs::leaders_in(dir) {
+            tracing::info!(instance_id = %id, pid, "stopping a daemon left unrecorded by an earlier node process");
+            procfs::terminate_foreign_group(pid as i32, self.grace()).await;
         }
     }
 
@@ -838,6 +853,7 @@ impl Node {
                         procfs::terminate_foreign_group(meta.pid as i32, self.grace()).await;
                     }
                 }
+                self.stop_unrecorded_daemons(id, dir).await;
                 std::fs::remove_dir_all(dir).map_err(Error::io("cannot remove", dir))?;
                 removed = true;
             }

@@ -59,6 +59,23 @@ pub(crate) fn is_our_leader(pid: u32, start_time: u64) -> bool {
             .is_some_and(|s| s.is_live() && s.start_time == start_time && s.pgrp == pid as i32)
 }
 
+/// Returns the live process-group leaders whose working directory is `dir`:
+/// daemons started there, each in a group of its own, found even when their
+/// metadata was never written (the node died between starting one and
+/// recording its pid).
+pub(crate) fn leaders_in(dir: &std::path::Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid > 1)
+        .filter(|&pid| stat(pid).is_some_and(|s| s.is_live() && s.pgrp == pid as i32))
+        .filter(|&pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|c| c == dir))
+        .collect()
+}
+
 /// Returns true while any non-zombie process is in group `pgid`. Zombies are
 /// skipped because the container's init may never reap orphans.
 pub(crate) fn group_alive(pgid: i32) -> bool {

@@ -460,3 +460,91 @@ async fn slow_start_is_listed_as_starting() {
     );
     node.stop().await;
 }
+
+/// A node SIGKILLed between starting a daemon and recording it in the
+/// metadata leaves a daemon no metadata names, holding the instance's port.
+/// Provisioning the instance again stops it (found by its working
+/// directory) and starts one of its own; deprovisioning stops such a daemon
+/// too. Found by the fault test (tests/tests/faults.rs).
+#[tokio::test]
+async fn a_daemon_left_unrecorded_by_a_killed_node_is_stopped() {
+    use std::os::unix::process::CommandExt;
+
+    let sb = Sandbox::new();
+    let node = TestNode::start(sb.config()).await;
+    let mut c = node.client.clone();
+    let port = free_ports(1)[0];
+    // What the killed node left: the directory, and the daemon running in
+    // it in a process group of its own, but no metadata file.
+    let start_stray = |id: &str| {
+        let dir = instance_dir(&sb.data_dir(), id);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .current_dir(&dir)
+            .stdout(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        (dir, child)
+    };
+    let (dir, mut stray) = start_stray("r9");
+    let pong = async {
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port as u16))
+                .await
+                .is_ok()
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    };
+    assert!(pong.await, "the stray daemon did not start");
+
+    let resp = c
+        .provision(redis_request("r9", port, "pw-r9"))
+        .await
+        .expect("provision despite the stray daemon")
+        .into_inner();
+    let inst = resp.instance.unwrap();
+    assert_eq!(state(&inst), InstanceState::Running);
+    assert_ne!(inst.pid, stray.id(), "the stray daemon was adopted");
+    let _ = stray.wait();
+    assert_eq!(
+        redis_session(port, &[&["AUTH", "pw-r9"], &["PING"]]).await,
+        ["+OK", "+PONG"],
+        "the port is served by the node's own daemon"
+    );
+    c.deprovision(DeprovisionRequest {
+        instance_id: "r9".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(!dir.exists());
+
+    // Deprovisioning a directory whose daemon was never recorded.
+    let (dir, mut stray) = start_stray("r10");
+    let d = c
+        .deprovision(DeprovisionRequest {
+            instance_id: "r10".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(d.removed);
+    let _ = stray.wait();
+    assert!(!dir.exists());
+    node.stop().await;
+}
