@@ -632,21 +632,31 @@ impl Engine {
                 self.registry.require_live(&inst.node_id)
             })
             .await?;
-        let port = match svc.model {
-            Model::Process => {
-                let range = node.info.port_range.ok_or_else(|| Error::OperationFailed {
-                    message: format!("node '{}' announces no port range", inst.node_id),
-                    instance_usable: None,
-                    update_repeatable: None,
-                })?;
-                self.retry(run, "allocating port", || {
-                    self.allocate_port(&inst.node_id, &inst.id, range, inst.port)
-                })
-                .await?
+        let port = async {
+            match svc.model {
+                Model::Process => {
+                    let range = node.info.port_range.ok_or_else(|| Error::OperationFailed {
+                        message: format!("node '{}' announces no port range", inst.node_id),
+                        instance_usable: None,
+                        update_repeatable: None,
+                    })?;
+                    self.retry(run, "allocating port", || {
+                        self.allocate_port(&inst.node_id, &inst.id, range, inst.port)
+                    })
+                    .await
+                }
+                // Only daemons listen on a leased port.
+                _ => Ok(0),
             }
-            // Only daemons listen on a leased port.
-            _ => 0,
         };
+        // The port and the credential do not depend on each other: asked
+        // for together, they cost the provision one allocator round trip
+        // (and share its commit) instead of two.
+        let credential = self.retry(run, "issuing credential", || {
+            self.issue_credential(&inst.id, "instance")
+        });
+        let (port, cred) = tokio::try_join!(port, credential)?;
+        secrets.add(&cred);
         let placement = Placement {
             port,
             host: node.info.advertise_host.clone(),
@@ -664,12 +674,6 @@ impl Engine {
         inst.dir = Some(placement.dir);
         inst.bind_host = Some(placement.bind_host);
         inst.node_attributes = placement.attributes;
-        let cred = self
-            .retry(run, "issuing credential", || {
-                self.issue_credential(&inst.id, "instance")
-            })
-            .await?;
-        secrets.add(&cred);
         // A template naming something this node does not have (e.g.
         // {{node.postgresql_host}}) fails the provision, not every bind.
         let probe = Credential {
@@ -922,9 +926,10 @@ impl Engine {
                 // shared server): the deprovision hooks undo them.
                 let hooks = self.deprovision_hooks_best_effort(&inst).await;
                 if let Err(e) = self.node_deprovision(&inst, hooks).await {
+                    // The port stays leased while its daemon may still hold
+                    // it; the DELETE (or the orphan sweep) releases it.
                     failed.push(format!("node: {e}"));
-                }
-                if let Err(e) = self.release_port(&inst.node_id, &inst.id).await {
+                } else if let Err(e) = self.release_port(&inst.node_id, &inst.id).await {
                     failed.push(format!("port: {e}"));
                 }
                 if let Err(e) = self.revoke_credential(&inst.id).await {
