@@ -34,7 +34,7 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(20);
 /// What a client allows on top of it before it calls a request hung.
 const ANSWER_MARGIN: Duration = Duration::from_secs(10);
 /// How long reconciliation may take to repair what the kills left.
-const SETTLE: Duration = Duration::from_secs(60);
+const SETTLE: Duration = Duration::from_secs(45);
 
 /// Prints the summary when the test panics (an assertion outside the
 /// ledger), so the counts and the seed are in the failure output too.
@@ -89,7 +89,7 @@ async fn lifecycles_survive_components_killed_at_random() {
     stack.wait_ready().await;
     // The clients finish the lifecycle they are in, with everything up.
     stop.store(true, Ordering::SeqCst);
-    let joined = tokio::time::timeout(Duration::from_secs(180), async {
+    let joined = tokio::time::timeout(Duration::from_secs(90), async {
         while let Some(r) = clients.join_next().await {
             r.expect("client task panicked");
         }
@@ -97,7 +97,7 @@ async fn lifecycles_survive_components_killed_at_random() {
     .await;
     assert!(
         joined.is_ok(),
-        "clients did not finish their lifecycles within 180 s of the last restart"
+        "clients did not finish their lifecycles within 90 s of the last restart"
     );
     stack.assert_running();
 
@@ -163,16 +163,15 @@ async fn client(
         let (id, bid) = (new_id(), new_id());
         match p.provision(&svc, &id, rng.percent(50)).await {
             End::Succeeded => {}
-            End::Failed(why) => {
+            other => {
                 p.ledger().violation(format!(
-                    "provision of {} {id} failed under faults: {why}",
+                    "provision of {} {id} did not succeed under faults: {other:?}",
                     svc.name
                 ));
                 // A platform deletes what failed to provision.
                 p.deprovision(&svc, &id, true).await;
                 continue;
             }
-            _ => continue,
         }
         let Some(credentials) = p.bind(&svc, &id, &bid, rng.percent(50)).await else {
             p.ledger().violation(format!(
