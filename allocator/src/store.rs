@@ -229,14 +229,28 @@ pub struct Allocations {
     pub credentials: Vec<CredentialInfo>,
 }
 
-/// Checks a pool, owner or kind: non-empty, at most [`MAX_NAME_LEN`] bytes,
-/// no control characters (they would corrupt log lines and CLI output).
+/// Checks a pool or owner: non-empty, at most [`MAX_NAME_LEN`] bytes, no
+/// control characters (they would corrupt log lines and CLI output), and
+/// made of `[A-Za-z0-9._~-]`, not `.` or `..`: pools are node ids and
+/// owners instance or binding ids, which follow that rule everywhere else
+/// (they name directories on nodes), so anything else is a caller's bug.
 /// The message names `field`, never echoes the value.
 pub fn validate_name(field: &str, value: &str) -> Result<(), Error> {
     if value.is_empty() {
         return Err(invalid(format!("{field} must not be empty")));
     }
-    validate_text(field, value)
+    validate_text(field, value)?;
+    let id_like = value != "."
+        && value != ".."
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'~'));
+    if !id_like {
+        return Err(invalid(format!(
+            "{field} must be made of A-Z, a-z, 0-9, '.', '_', '-' and '~' (not '.' or '..')"
+        )));
+    }
+    Ok(())
 }
 
 fn validate_text(field: &str, value: &str) -> Result<(), Error> {
