@@ -1010,6 +1010,40 @@ async fn headers_beyond_every_limit_are_refused() {
             short(&r.text)
         );
     }
+    // Request lines and header lines HTTP/1.1 does not allow: refused by
+    // the HTTP server with 400 before any handler runs.
+    for (name, line, extra) in [
+        (
+            "raw UTF-8 in the path",
+            "GET /v2/service_instances/é HTTP/1.1".to_string(),
+            "",
+        ),
+        (
+            "a space in the path",
+            "GET /v2/service_instances/a b HTTP/1.1".to_string(),
+            "",
+        ),
+        (
+            "a header without a colon",
+            format!("GET {target} HTTP/1.1"),
+            "X-Broken-Header",
+        ),
+        (
+            "a header name with a space",
+            format!("GET {target} HTTP/1.1"),
+            "X Bad: v",
+        ),
+    ] {
+        let r = f.stack.raw(&line, extra, b"").await;
+        assert_eq!(
+            r.status.as_u16(),
+            400,
+            "{name}: {} {}",
+            r.status,
+            short(&r.text)
+        );
+        support::assert_no_secret(name, &r.text, &f.secrets);
+    }
     f.assert_alive().await;
     let after = f.state().await;
     assert_eq!(after.0, before.0);
