@@ -175,8 +175,10 @@ pub(crate) async fn wait_ready(
     timeout: Duration,
 ) -> Readiness {
     let deadline = Instant::now() + timeout;
-    // Start polling fast: most daemons listen within milliseconds.
-    let mut poll = Duration::from_millis(20);
+    // Start polling fast: most daemons listen within milliseconds, and a
+    // provision waits for this probe (a loopback connect costs tens of
+    // microseconds); back off for the slow ones.
+    let mut poll = Duration::from_millis(2);
     loop {
         tokio::select! {
             status = child.wait() => {
@@ -200,7 +202,7 @@ pub(crate) async fn wait_ready(
         if Instant::now() >= deadline {
             return Readiness::TimedOut;
         }
-        poll = (poll * 2).min(Duration::from_millis(200));
+        poll = (poll * 3 / 2).min(Duration::from_millis(100));
     }
 }
 
