@@ -248,7 +248,11 @@ async fn make_image(img: &Path, size: u64) -> Result<(), Error> {
         .mode(0o600)
         .open(img)
         .map_err(Error::io("cannot create", img))?;
-    f.set_len(size).map_err(Error::io("cannot size", img))?;
+    if let Err(e) = f.set_len(size) {
+        drop(f);
+        let _ = std::fs::remove_file(img);
+        return Err(Error::io("cannot size", img)(e));
+    }
     drop(f);
     let made = system(
         "mkfs.ext4",
@@ -305,10 +309,19 @@ pub(crate) async fn setup_loop(
 ) -> Result<bool, Error> {
     ensure_images_dir(data_dir)?;
     let img = image_path(data_dir, id);
+    let dir_existed = dir.exists();
     create_dir(dir)?;
     if mount_source(dir).is_some() {
         return Ok(false);
     }
+    // A first provision that fails leaves nothing behind: not the (empty)
+    // directory it made, not an images folder no instance uses.
+    let undo = || {
+        if !dir_existed {
+            let _ = std::fs::remove_dir(dir);
+        }
+        let _ = std::fs::remove_dir(data_dir.join(IMAGES_DIR));
+    };
     let created = match std::fs::symlink_metadata(&img) {
         Ok(m) if m.is_file() => false,
         Ok(_) => {
@@ -318,7 +331,10 @@ pub(crate) async fn setup_loop(
             )));
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            make_image(&img, limit).await?;
+            if let Err(e) = make_image(&img, limit).await {
+                undo();
+                return Err(e);
+            }
             true
         }
         Err(e) => return Err(Error::io("cannot inspect", &img)(e)),
@@ -326,6 +342,7 @@ pub(crate) async fn setup_loop(
     if let Err(e) = mount(&img, dir).await {
         if created {
             let _ = std::fs::remove_file(&img);
+            undo();
         }
         return Err(e);
     }
@@ -704,6 +721,26 @@ impl Watch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by tests/grpc_bad_input.rs (a directory of u64::MAX bytes,
+    /// now refused up front): a first provision whose image cannot be made
+    /// leaves no instance directory, image or images folder behind.
+    #[tokio::test]
+    async fn failed_first_setup_leaves_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        let data = t.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let dir = data.join("i1");
+        // Beyond off_t: set_len fails before mkfs or mount would run.
+        let r = setup_loop(&data, "i1", &dir, u64::MAX).await;
+        assert!(r.is_err());
+        let left: Vec<_> = std::fs::read_dir(&data)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
 
     #[test]
     fn mountinfo_parsing() {

@@ -71,6 +71,10 @@ impl Kind {
 /// or `NAME=value` string `execve` accepts.
 const MAX_ARG_STRLEN: usize = 32 * 4096;
 
+/// Largest directory cap: ext4's largest file (the loop image) and file
+/// system with 4 KiB blocks, 16 TiB.
+pub(crate) const MAX_DIRECTORY_BYTES: u64 = 16 << 40;
+
 /// Smallest directory cap: below this an ext4 image is mostly metadata.
 pub(crate) const MIN_DIRECTORY_BYTES: u64 = 1024 * 1024;
 
@@ -452,9 +456,12 @@ impl Provision {
             }
             Kind::Directory => {
                 size_limit_bytes = req.directory.map(|d| d.size_limit_bytes).unwrap_or(0);
-                if size_limit_bytes != 0 && size_limit_bytes < MIN_DIRECTORY_BYTES {
+                if size_limit_bytes != 0
+                    && !(MIN_DIRECTORY_BYTES..=MAX_DIRECTORY_BYTES).contains(&size_limit_bytes)
+                {
                     return Err(Error::InvalidArgument(format!(
-                        "directory.size_limit_bytes must be 0 (the node's default) or at least {MIN_DIRECTORY_BYTES}"
+                        "directory.size_limit_bytes must be 0 (the node's default) or \
+                         {MIN_DIRECTORY_BYTES} to {MAX_DIRECTORY_BYTES}"
                     )));
                 }
                 None
