@@ -649,6 +649,16 @@ async fn node_refuses_bad_requests() {
         size_limit_bytes: 1,
     });
     provisions.push(("directory of 1 byte".into(), p));
+    // Beyond what an ext4 image can be: an INTERNAL error that left an
+    // instance directory behind, before the node refused it up front.
+    for size in [(16u64 << 40) + 1, u64::MAX] {
+        let mut p = provision_none(&id);
+        p.kind = "directory".into();
+        p.directory = Some(pb::DirectorySpec {
+            size_limit_bytes: size,
+        });
+        provisions.push((format!("directory of {size} bytes"), p));
+    }
     for db in [
         None,
         Some(pb::DatabaseSpec {
