@@ -926,10 +926,9 @@ impl Engine {
                 // shared server): the deprovision hooks undo them.
                 let hooks = self.deprovision_hooks_best_effort(&inst).await;
                 if let Err(e) = self.node_deprovision(&inst, hooks).await {
-                    // The port stays leased while its daemon may still hold
-                    // it; the DELETE (or the orphan sweep) releases it.
                     failed.push(format!("node: {e}"));
-                } else if let Err(e) = self.release_port(&inst.node_id, &inst.id).await {
+                }
+                if let Err(e) = self.release_port(&inst.node_id, &inst.id).await {
                     failed.push(format!("port: {e}"));
                 }
                 if let Err(e) = self.revoke_credential(&inst.id).await {
