@@ -151,6 +151,7 @@ async fn kind_none_is_recorded_only() {
     );
     c.bind(BindRequest {
         instance_id: "e1".into(),
+        binding_id: "b1".into(),
         ..Default::default()
     })
     .await
