@@ -590,7 +590,10 @@ struct Baselines {
     commits_per_s: Result<f64, String>,
     /// Durable commits/s before and after the load.
     commit_runs: Vec<f64>,
+    /// As the shipped redis service starts an instance (AOF on).
     spawn_to_pong_ms: Result<f64, String>,
+    /// With no persistence: the bare process start.
+    spawn_to_pong_bare_ms: Result<f64, String>,
 }
 
 impl Baselines {
@@ -600,12 +603,16 @@ impl Baselines {
             dir.display()
         );
         let commits_per_s = baseline::sqlite_commits_per_s(dir.clone()).await;
-        let spawn_to_pong_ms = baseline::redis_spawn_to_pong_ms().await;
+        let spawn_to_pong_ms =
+            baseline::redis_spawn_to_pong_ms(baseline::RedisPersistence::Aof).await;
+        let spawn_to_pong_bare_ms =
+            baseline::redis_spawn_to_pong_ms(baseline::RedisPersistence::None).await;
         Baselines {
             dir,
             commit_runs: commits_per_s.iter().copied().collect(),
             commits_per_s,
             spawn_to_pong_ms,
+            spawn_to_pong_bare_ms,
         }
     }
 
@@ -627,6 +634,7 @@ impl Baselines {
             "sqlite_durable_commits_per_s": or_why(self.commits_per_s.as_ref().map(|c| round(*c))),
             "sqlite_durable_commits_per_s_before_after": self.commit_runs.iter().map(|c| round(*c)).collect::<Vec<_>>(),
             "redis_spawn_to_pong_ms": or_why(self.spawn_to_pong_ms.as_ref().map(|c| round(*c))),
+            "redis_spawn_to_pong_no_persistence_ms": or_why(self.spawn_to_pong_bare_ms.as_ref().map(|c| round(*c))),
         })
     }
 }
@@ -813,11 +821,12 @@ impl Report<'_> {
         t.push_str(&components_text(&self.components.to_json()));
         t.push_str(&format!(
             "baselines (scratch database in {})\n  durable SQLite commits/s: {} (before, after: {:?})\n  \
-             redis-server spawn-to-PONG ms: {}\n",
+             redis-server spawn-to-PONG ms: {} (AOF on, as the redis service; no persistence: {})\n",
             self.baselines.dir.display(),
             figure(&self.baselines.commits_per_s),
             self.baselines.commit_runs.iter().map(|c| round(*c)).collect::<Vec<_>>(),
             figure(&self.baselines.spawn_to_pong_ms),
+            figure(&self.baselines.spawn_to_pong_bare_ms),
         ));
         t.push_str("ratios\n");
         for (k, v) in self.ratios() {

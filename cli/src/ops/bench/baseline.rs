@@ -57,28 +57,45 @@ fn commit_loop(dir: &Path) -> Result<f64, String> {
     Ok(commits as f64 / start.elapsed().as_secs_f64())
 }
 
-/// Median time from spawning `redis-server` on a free loopback port to its
-/// first PONG, in milliseconds; `Err` when redis-server is not on PATH.
-pub async fn redis_spawn_to_pong_ms() -> Result<f64, String> {
+/// How redis-server is started for the baseline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisPersistence {
+    /// As the shipped redis service runs a new instance: `appendonly yes`
+    /// in a fresh directory (redis creates and syncs its AOF files before
+    /// it answers), so the baseline is the daemon's own start-up work.
+    Aof,
+    /// No persistence at all: the bare process start.
+    None,
+}
+
+/// Median time from spawning `redis-server` on a free loopback port (in a
+/// fresh directory each time) to its first PONG, in milliseconds; `Err`
+/// when redis-server is not on PATH.
+pub async fn redis_spawn_to_pong_ms(persistence: RedisPersistence) -> Result<f64, String> {
     let scratch = tempfile::Builder::new()
         .prefix("svcbroker-bench-redis-")
         .tempdir()
         .map_err(|e| format!("cannot create a scratch directory: {e}"))?;
     let mut runs = Vec::with_capacity(REDIS_RUNS);
-    for _ in 0..REDIS_RUNS {
-        runs.push(one_redis(scratch.path()).await?);
+    for i in 0..REDIS_RUNS {
+        let dir = scratch.path().join(i.to_string());
+        std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        runs.push(one_redis(&dir, persistence).await?);
     }
     runs.sort_by(f64::total_cmp);
     Ok(runs[runs.len() / 2])
 }
 
-async fn one_redis(dir: &Path) -> Result<f64, String> {
+async fn one_redis(dir: &Path, persistence: RedisPersistence) -> Result<f64, String> {
     let port = free_port()?;
+    let aof = match persistence {
+        RedisPersistence::Aof => "yes",
+        RedisPersistence::None => "no",
+    };
     let start = Instant::now();
-    // As the node runs it: in its own directory, no persistence to load.
     let mut child = tokio::process::Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .args(["--save", "", "--appendonly", aof, "--daemonize", "no"])
         .current_dir(dir)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
