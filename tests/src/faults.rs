@@ -985,6 +985,34 @@ async fn acl_users(stack: &ProcStack, id: &str) -> Result<BTreeSet<String>, Stri
     Ok(users.into_iter().filter(|u| u != "default").collect())
 }
 
+/// Asks `last_operation` of every instance and binding the clients touched
+/// (`(instance id, binding id)`): none may still be in progress; a deleted
+/// one answers 410 (or 404 when its deletion left no record).
+pub async fn check_no_operation_stuck(p: &Platform, touched: &[(String, String)]) {
+    for (id, bid) in touched {
+        let instance = format!("/v2/service_instances/{id}/last_operation");
+        let binding = format!("/v2/service_instances/{id}/service_bindings/{bid}/last_operation");
+        for (path, route) in [
+            (instance, "instance last_operation"),
+            (binding, "binding last_operation"),
+        ] {
+            let Some(r) = p.get(&path, route).await else {
+                continue;
+            };
+            p.ledger().checked(1);
+            let ended = match r.status.as_u16() {
+                200 => matches!(r.body["state"].as_str(), Some("succeeded" | "failed")),
+                404 | 410 => true,
+                _ => false,
+            };
+            if !ended {
+                p.ledger()
+                    .violation(format!("GET {path} at the end: {} {}", r.status, r.text));
+            }
+        }
+    }
+}
+
 /// Checks until [`check_consistency`] finds nothing broken (reconciliation
 /// may need a few passes after the last restart) or `timeout` passes;
 /// records the invariants checked in the last pass and what stayed broken.

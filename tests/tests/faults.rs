@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use svcbroker_tests::faults::{
-    self, ECHO, End, GatewayWatch, Kept, Ledger, Platform, REDIS, Rng, Svc, chaos, settle,
+    self, ECHO, End, GatewayWatch, Kept, Ledger, Platform, REDIS, Rng, Svc, chaos,
+    check_no_operation_stuck, settle,
 };
 use svcbroker_tests::models_support::{ProcStack, ProcStackOptions, RedisUser};
 use svcbroker_tests::new_id;
@@ -74,6 +75,7 @@ async fn lifecycles_survive_components_killed_at_random() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let kept: Arc<Mutex<Vec<Kept>>> = Arc::default();
+    let touched: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
     let mut clients = tokio::task::JoinSet::new();
     for i in 0..CLIENTS {
         let svc = if i % 2 == 0 { ECHO } else { REDIS };
@@ -83,6 +85,7 @@ async fn lifecycles_survive_components_killed_at_random() {
             svc,
             Arc::clone(&stop),
             Arc::clone(&kept),
+            Arc::clone(&touched),
         ));
     }
     chaos(&mut stack, &mut rng, CHAOS, &ledger, &watch).await;
@@ -117,6 +120,8 @@ async fn lifecycles_survive_components_killed_at_random() {
         r.expect("cleanup task panicked");
     }
     settle(&stack, &platform, &[], SETTLE).await;
+    let touched = touched.lock().unwrap().clone();
+    check_no_operation_stuck(&platform, &touched).await;
     let left = stack.allocations(None).await;
     ledger.checked(2);
     if !left.leases.is_empty() || !left.credentials.is_empty() {
@@ -157,10 +162,12 @@ async fn client(
     svc: Svc,
     stop: Arc<AtomicBool>,
     kept: Arc<Mutex<Vec<Kept>>>,
+    touched: Arc<Mutex<Vec<(String, String)>>>,
 ) {
     let mut kept_here = 0;
     while !stop.load(Ordering::SeqCst) {
         let (id, bid) = (new_id(), new_id());
+        touched.lock().unwrap().push((id.clone(), bid.clone()));
         match p.provision(&svc, &id, rng.percent(50)).await {
             End::Succeeded => {}
             other => {
