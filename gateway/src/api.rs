@@ -89,6 +89,9 @@ pub fn router(engine: Arc<Engine>, config: Arc<Config>) -> Router {
 /// Characters of a request identity that are logged and passed on.
 const MAX_LOGGED_REQUEST_ID: usize = 128;
 
+/// Characters of a request path that are logged.
+const MAX_LOGGED_PATH: usize = 512;
+
 /// Echoes (or generates) the request identity and runs the request in a
 /// span carrying it, so every log line of the request can be correlated.
 async fn request_identity(req: Request, next: Next) -> Response {
@@ -108,8 +111,11 @@ async fn request_identity(req: Request, next: Next) -> Response {
         .chars()
         .take(MAX_LOGGED_REQUEST_ID)
         .collect();
+    // The path, too, is whatever the client sent (up to the HTTP server's
+    // 64 KiB): ids are 255 characters at most, so 512 show any real request.
+    let path: String = req.uri().path().chars().take(MAX_LOGGED_PATH).collect();
     let span = tracing::info_span!("request", request_id = %id, method = %req.method(),
-        path = %req.uri().path());
+        path = %path);
     // gRPC calls this request causes carry its id as `x-request-id`.
     let mut response =
         svcbroker_proto::auth::with_request_id(id, next.run(req).instrument(span.clone())).await;
