@@ -11,6 +11,10 @@ use tonic_health::ServingStatus;
 
 use crate::auth::BearerAuthLayer;
 
+/// Characters of a caller's request id that go on the call's log lines (the
+/// gateway passes on at most as many).
+const MAX_LOGGED_REQUEST_ID: usize = 128;
+
 /// Serves `routes` on `listener` together with `grpc.health.v1.Health`
 /// (SERVING for the overall server and for each of `service_names`) and
 /// server reflection in both `grpc.reflection.v1` and `v1alpha` (grpcurl 1.8
@@ -68,12 +72,18 @@ where
         // Every handler's log lines carry the method and the id of the OSB
         // request that caused the call (empty when none).
         .trace_fn(|req| {
-            let request_id = req
+            // Both come from the caller: cut so that a 16 KiB header cannot
+            // ride on every log line of the call.
+            let request_id: String = req
                 .headers()
                 .get(crate::auth::REQUEST_ID_KEY)
                 .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            tracing::info_span!("grpc", method = %req.uri().path(), request_id = %request_id)
+                .unwrap_or("")
+                .chars()
+                .take(MAX_LOGGED_REQUEST_ID)
+                .collect();
+            let method: String = req.uri().path().chars().take(256).collect();
+            tracing::info_span!("grpc", method = %method, request_id = %request_id)
         })
         .layer(auth)
         .add_routes(routes)
