@@ -309,6 +309,8 @@ fn bad_ids() -> Vec<String> {
     ids.push(format!("a%0A{FORGED}"));
     ids.push("x".repeat(256));
     ids.push("%41".repeat(300));
+    // Far beyond any id, but within what the HTTP server reads.
+    ids.push("a".repeat(48 << 10));
     ids
 }
 
@@ -1019,6 +1021,13 @@ async fn headers_beyond_every_limit_are_refused() {
             short(&r.text)
         );
     }
+    // A URI beyond the HTTP server's limit (64 KiB): 414, no handler runs.
+    let long = format!(
+        "GET /v2/service_instances/{} HTTP/1.1",
+        "a".repeat(100 << 10)
+    );
+    let r = f.stack.raw(&long, "", b"").await;
+    assert_eq!(r.status.as_u16(), 414, "100 KiB URI: {}", r.status);
     // Request lines and header lines HTTP/1.1 does not allow: refused by
     // the HTTP server with 400 before any handler runs.
     for (name, line, extra) in [

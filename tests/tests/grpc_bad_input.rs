@@ -375,6 +375,26 @@ async fn allocator_refuses_bad_requests() {
         }
         n += 9;
     }
+    // A call that logs, with a 12 KiB request id: every line stays bounded.
+    // (The credential it issues is revoked: no state change in the end.)
+    let owner = new_id();
+    let mut req = tonic::Request::new(pb::IssueCredentialRequest {
+        owner: owner.clone(),
+        kind: "instance".into(),
+    });
+    let long_id = "r".repeat(12 << 10);
+    req.metadata_mut()
+        .insert("x-request-id", long_id.parse().expect("ascii metadata"));
+    a.issue_credential(req)
+        .await
+        .expect("IssueCredential with a long request id");
+    let revoked = a
+        .revoke_credential(pb::RevokeCredentialRequest { owner })
+        .await
+        .expect("RevokeCredential")
+        .into_inner()
+        .revoked;
+    assert!(revoked);
     f.refused(
         "ReleasePort {}",
         a.release_port(pb::ReleasePortRequest::default()).await,
@@ -966,6 +986,22 @@ async fn every_method_refuses_garbage_oversized_and_unauthenticated_calls() {
             r,
             &[Code::OutOfRange, Code::ResourceExhausted],
         );
+        // A 12 KiB request id: served as usual, logged bounded.
+        let mut grpc = tonic::client::Grpc::new(connect(&url).await);
+        grpc.ready().await.expect("channel ready");
+        let mut req = tonic::Request::new(Vec::new());
+        let id = "r".repeat(12 << 10);
+        req.metadata_mut()
+            .insert("x-request-id", id.parse().expect("ascii metadata"));
+        let r = grpc
+            .unary(req, PathAndQuery::from_static(method), RawCodec)
+            .await;
+        if let Err(status) = r {
+            assert!(
+                matches!(status.code(), Code::InvalidArgument),
+                "{method} with a 12 KiB request id: {status:?}"
+            );
+        }
         // Without a token, with a wrong one, with one that is almost right.
         for token in [
             None,
