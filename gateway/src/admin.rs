@@ -26,7 +26,7 @@ use axum::{Json, Router};
 use serde_json::{Map, Value, json};
 use svcbroker_proto::v1::NodeInfo;
 
-use crate::api::rfc3339_ms;
+use crate::api::{rfc3339_ms, shown};
 use crate::catalog::Loaded;
 use crate::config::Config;
 use crate::engine::Engine;
@@ -103,15 +103,17 @@ async fn get_instance(
     let (view, count) = match matches.as_slice() {
         [] => {
             return Err(Error::NotFound(format!(
-                "no service instance has the id or name '{key}'"
+                "no service instance has the id or name '{}'",
+                shown(&key)
             )));
         }
         [one] => *one,
         many => {
             let ids: Vec<&str> = many.iter().map(|(v, _)| v.instance.id.as_str()).collect();
             return Err(Error::Conflict(format!(
-                "{} service instances are named '{key}' ({}); use an id",
+                "{} service instances are named '{}' ({}); use an id",
                 ids.len(),
+                shown(&key),
                 ids.join(", ")
             )));
         }

@@ -178,7 +178,7 @@ async fn not_found() -> Response {
 /// 64 characters, control characters escaped, so that the description (and
 /// the log line recording the refusal) stays one short line whatever a
 /// client sends.
-fn shown(value: &str) -> String {
+pub(crate) fn shown(value: &str) -> String {
     const MAX_CHARS: usize = 64;
     let mut out = String::new();
     for c in value.chars().take(MAX_CHARS) {
