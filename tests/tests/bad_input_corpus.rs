@@ -387,6 +387,20 @@ async fn every_endpoint_refuses_bad_ids_bodies_queries_and_headers() {
     ] {
         cases.push(case("method not allowed", method, target, b"{}", 405));
     }
+    // The operators' admin API takes an id or a name in its path too.
+    for key in [
+        format!("a%0A{FORGED}"),
+        "%1B%5B2J".to_string(),
+        "n".repeat(32 << 10),
+    ] {
+        cases.push(case(
+            format!("admin instance {}", short(&key)),
+            "GET",
+            format!("/admin/v1/instances/{key}"),
+            &[],
+            404,
+        ));
+    }
     let r = f.stack.raw("POST /v2/catalog HTTP/1.1", "", b"{}").await;
     assert_eq!(
         r.header("allow"),
