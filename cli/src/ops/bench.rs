@@ -731,8 +731,11 @@ impl Report<'_> {
     fn scale_targets(&self, s: &Scale) -> Vec<Value> {
         let mut out = Vec::new();
         if s.instances >= RSS_TARGET_INSTANCES {
-            for (name, p) in &self.components.found {
-                let peak = rss::mb(p.peak_rss_kb);
+            // The peak up to the moment N instances were provisioned and
+            // probed (the cleanup's own peak is in "components").
+            let at_n = s.components_at_n.as_object().into_iter().flatten();
+            for (name, c) in at_n.filter(|(_, c)| c["visible"] == true) {
+                let peak = c["peak_rss_mb"].as_f64().unwrap_or(f64::INFINITY);
                 out.push(target(
                     &format!("{name} peak RSS MB with {} instances <= 30", s.instances),
                     peak,
