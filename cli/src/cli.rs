@@ -297,9 +297,9 @@ pub struct BenchArgs {
     /// until its operation finished.
     #[arg(long = "async")]
     pub asynchronous: bool,
-    /// After the lifecycles: provisions instances of the service up to N
-    /// (at --concurrency), measuring catalog and last_operation latency at
-    /// 100 instances and at N, and each component's RSS at N.
+    /// After the lifecycles: provisions N more instances of the service
+    /// (at --concurrency), measuring catalog and last_operation latency
+    /// once 100 and once all N are there, and each component's RSS at N.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub instances: usize,
     /// Leaves the instances of --instances in place (for a second run or a
