@@ -459,10 +459,9 @@ impl ProcStack {
     /// gateway knows the node.
     pub async fn start(opts: ProcStackOptions) -> ProcStack {
         crate::init_tracing();
-        let dir = tempfile::Builder::new()
-            .prefix("svcbroker-models-")
-            .tempdir()
-            .expect("temp dir");
+        // The shared test prefix: what a test killed by nextest's timeout
+        // leaves running here is reaped by the next test that starts.
+        let dir = crate::test_dir();
         let root = dir.path().canonicalize().expect("canonical temp dir");
         let services_dir = root.join("services.d");
         std::fs::create_dir_all(&services_dir).expect("services.d");
