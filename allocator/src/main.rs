@@ -6,7 +6,6 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 /// Exit code for bad flags or configuration (sysexits EX_USAGE).
 const EX_USAGE: u8 = 64;
@@ -43,11 +42,7 @@ async fn main() -> ExitCode {
             };
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+    svcbroker_proto::logging::init(svcbroker_proto::logging::Output::Stdout);
 
     let config = match load(cli) {
         Ok(config) => config,

@@ -37,13 +37,9 @@ async fn main() -> ExitCode {
     let cli::Command::Up(up) = args.command else {
         return operator(args.command).await;
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // `up` holds the node in this process: the shared set-up keeps
+    // tokio-postgres's statement logs (role password verifiers) out.
+    svcbroker_proto::logging::init(svcbroker_proto::logging::Output::Stderr);
     match up::run(up).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

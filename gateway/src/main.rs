@@ -59,12 +59,7 @@ fn config_from(flags: &Flags) -> Result<Config, svcbroker_gateway::ConfigError> 
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    svcbroker_proto::logging::init(svcbroker_proto::logging::Output::Stdout);
     let config = match config_from(&flags) {
         Ok(c) => c,
         Err(e) => {

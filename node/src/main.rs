@@ -63,13 +63,8 @@ fn load(args: Args) -> Result<svcbroker_node::Config, svcbroker_node::ConfigErro
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    // tokio-postgres logs statement texts and parameters at debug level,
-    // and a binding's CREATE/ALTER ROLE carries its password verifier: its
-    // log output is capped at info whatever RUST_LOG says.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-        .add_directive("tokio_postgres=info".parse().expect("static directive"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // Caps tokio-postgres's statement logs (role password verifiers).
+    svcbroker_proto::logging::init(svcbroker_proto::logging::Output::Stdout);
     let config = match load(args) {
         Ok(c) => c,
         Err(e) => {
