@@ -367,6 +367,72 @@ async fn failed_provision_can_be_retried() {
     store.close().await;
 }
 
+/// Concurrent requests share a batch transaction (each job a savepoint in
+/// it): a job that hits a constraint, or that rolls its own insert back,
+/// must undo only its own writes, and everything the others were told is
+/// committed must be there after a reopen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_jobs_in_a_batch_undo_only_their_own_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    let mut tasks = Vec::new();
+    for round in 0..3 {
+        for i in 0..20 {
+            let s = store.clone();
+            // Two creates per id race (one hits the primary key), and a
+            // binding on the still-provisioning instance is inserted and
+            // rolled back inside its savepoint (InstanceBusy).
+            tasks.push(tokio::spawn(async move {
+                let id = format!("i{i}");
+                let created = s
+                    .create_instance(instance(&id), op(), slots(&[("n1", 1000)]))
+                    .await
+                    .unwrap();
+                let bound = s
+                    .create_binding(binding(&format!("b{i}-{round}"), &id), op())
+                    .await
+                    .unwrap();
+                let missing = s
+                    .create_binding(binding(&format!("m{i}-{round}"), "nope"), op())
+                    .await
+                    .unwrap();
+                (created, bound, missing)
+            }));
+        }
+    }
+    let mut created = 0;
+    for t in tasks {
+        let (c, b, m) = t.await.unwrap();
+        match c {
+            CreateInstance::Created(_) => created += 1,
+            CreateInstance::Exists(v) => assert!(v.instance.id.starts_with('i')),
+            CreateInstance::NoCapacity => panic!("capacity"),
+        }
+        assert!(matches!(b, CreateBinding::InstanceBusy(_)), "{b:?}");
+        assert!(matches!(m, CreateBinding::InstanceMissing), "{m:?}");
+    }
+    assert_eq!(created, 20);
+    store.close().await;
+
+    let store = open(&dir).await;
+    assert_eq!(store.ops_in_progress().await.unwrap().len(), 20);
+    for i in 0..20 {
+        let v = store.get_instance(&format!("i{i}")).await.unwrap().unwrap();
+        assert_eq!(v.instance.state, InstanceState::Provisioning);
+        assert!(store.bindings_of(&v.instance.id).await.unwrap().is_empty());
+        for round in 0..3 {
+            assert!(
+                store
+                    .get_binding(&format!("b{i}-{round}"))
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
+        }
+    }
+    store.close().await;
+}
+
 #[tokio::test]
 async fn operations_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
