@@ -73,9 +73,11 @@ fn load(cli: Cli) -> Result<svcbroker_allocator::Config, svcbroker_allocator::Co
 }
 
 async fn serve(config: svcbroker_allocator::Config) -> anyhow::Result<()> {
+    // Before the port listens: a signal right after is a clean stop.
+    let signal = svcbroker_proto::server::shutdown_signal();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    svcbroker_allocator::run(config, listener, svcbroker_proto::server::shutdown_signal()).await?;
+    svcbroker_allocator::run(config, listener, signal).await?;
     Ok(())
 }

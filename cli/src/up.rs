@@ -135,6 +135,8 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
         .validate()
         .map_err(|e| UpError::Usage(e.to_string()))?;
 
+    // Registered before anything is announced (see `shutdown_signal`).
+    let signal = svcbroker_proto::server::shutdown_signal();
     // Started in dependency order and stopped in reverse, so that no
     // in-flight operation meets an allocator that is already gone.
     let mut services = Vec::new();
@@ -169,7 +171,7 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
     // Until a signal, or until one of the services ends on its own (which
     // is a failure: they only stop when told to).
     let failed = tokio::select! {
-        _ = svcbroker_proto::server::shutdown_signal() => None,
+        _ = signal => None,
         (name, result) = first_to_end(&mut services) => Some((name, result)),
     };
     let mut errors = Vec::new();

@@ -84,18 +84,14 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // Before the port listens: a signal right after is a clean stop.
+    let signal = svcbroker_proto::server::shutdown_signal();
     let http = tokio::net::TcpListener::bind(config.http_listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.http_listen))?;
     let grpc = tokio::net::TcpListener::bind(config.grpc_listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.grpc_listen))?;
-    svcbroker_gateway::run(
-        config,
-        http,
-        grpc,
-        svcbroker_proto::server::shutdown_signal(),
-    )
-    .await?;
+    svcbroker_gateway::run(config, http, grpc, signal).await?;
     Ok(())
 }

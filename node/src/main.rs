@@ -83,9 +83,11 @@ fn main() -> ExitCode {
 
 #[tokio::main]
 async fn serve(config: svcbroker_node::Config) -> anyhow::Result<()> {
+    // Before the port listens: a signal right after is a clean stop.
+    let signal = svcbroker_proto::server::shutdown_signal();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    svcbroker_node::run(config, listener, svcbroker_proto::server::shutdown_signal()).await?;
+    svcbroker_node::run(config, listener, signal).await?;
     Ok(())
 }
