@@ -150,6 +150,14 @@ pub async fn run(
         let tx = Arc::clone(&shutdown_tx);
         let rx = shutdown_rx.clone();
         async move {
+            // TCP_NODELAY on every accepted connection: a platform's next
+            // request must not wait on a delayed ACK of our last answer.
+            use axum::serve::ListenerExt as _;
+            let http_listener = http_listener.tap_io(|stream| {
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(error = %e, "cannot set TCP_NODELAY on an accepted connection");
+                }
+            });
             let r = axum::serve(http_listener, app)
                 .with_graceful_shutdown(signalled(rx))
                 .await

@@ -3,7 +3,7 @@
 
 use std::future::Future;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
 use tonic::transport::Server;
@@ -87,8 +87,27 @@ where
         })
         .layer(auth)
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(nodelay(listener), shutdown)
         .await
+}
+
+/// The accepted connections of `listener`, each with `TCP_NODELAY`.
+///
+/// HTTP/2 writes a response as several small frames (HEADERS, DATA,
+/// trailers), often in separate writes: with Nagle's algorithm the kernel
+/// holds the second until the first is acknowledged, and the client delays
+/// that acknowledgement by up to 40 ms. Found by the benchmark: a redis
+/// provision took 10 ms or 55 ms depending on how the node's answer was cut.
+/// tonic sets the option itself only on listeners it binds.
+fn nodelay(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<TcpStream>> {
+    use tokio_stream::StreamExt as _;
+    TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|stream| {
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY on an accepted connection");
+            }
+        })
+    })
 }
 
 /// Resolves on SIGINT or SIGTERM: the one shutdown signal of every binary.
