@@ -775,14 +775,15 @@ impl Engine {
             self.node_deprovision(&inst, hooks.clone())
         })
         .await?;
-        self.retry(run, "releasing port", || {
+        // Both only once the daemon is gone (it held the port and knew the
+        // credential); independent of each other, so asked for together.
+        let port = self.retry(run, "releasing port", || {
             self.release_port(&inst.node_id, &inst.id)
-        })
-        .await?;
-        self.retry(run, "revoking credential", || {
+        });
+        let credential = self.retry(run, "revoking credential", || {
             self.revoke_credential(&inst.id)
-        })
-        .await?;
+        });
+        tokio::try_join!(port, credential)?;
         // Platforms unbind first, but leftovers must not keep credentials.
         for b in self.store.bindings_of(&inst.id).await? {
             self.retry(run, "revoking binding credential", || {
@@ -803,17 +804,16 @@ impl Engine {
             return Err(Error::Internal("instance record vanished".into()));
         };
         let (svc, plan) = self.definition(&inst.service_id, &inst.plan_id)?;
-        let cred = self
-            .retry(run, "issuing binding credential", || {
-                self.issue_credential(&binding_id, "binding")
-            })
-            .await?;
+        // Independent (each idempotent per owner): asked for together, one
+        // round trip instead of two.
+        let cred = self.retry(run, "issuing binding credential", || {
+            self.issue_credential(&binding_id, "binding")
+        });
+        let icred = self.retry(run, "issuing credential", || {
+            self.issue_credential(&inst.id, "instance")
+        });
+        let (cred, icred) = tokio::try_join!(cred, icred)?;
         secrets.add(&cred);
-        let icred = self
-            .retry(run, "issuing credential", || {
-                self.issue_credential(&inst.id, "instance")
-            })
-            .await?;
         secrets.add(&icred);
         // Credentials that cannot render would make every fetch fail: fail
         // the bind instead.
