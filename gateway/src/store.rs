@@ -2,16 +2,17 @@
 //!
 //! One connection lives on a dedicated thread; async callers send it closures
 //! over a channel ([`Store::call`]), so no SQLite call ever blocks a tokio
-//! worker. Every mutation is one transaction (a savepoint in
-//! its batch's transaction, see below). Uniqueness is
-//! the database's job: a duplicate instance or binding id hits the primary
-//! key, and "one operation in progress per instance / per binding" is a
-//! partial UNIQUE index, so two racing requests cannot both win.
+//! worker. Every mutation is atomic on its own (a savepoint, see below).
+//! Uniqueness is the database's job: a duplicate instance or binding id hits
+//! the primary key, and "one operation in progress per instance / per
+//! binding" is a partial UNIQUE index, so two racing requests cannot both
+//! win.
 //!
-//! Commits are grouped: the thread runs every job queued at once, syncs the
-//! WAL a single time, and only then answers them ([`run_batch`]), so
-//! concurrent requests share an fsync and none is answered before its
-//! commit is on disk.
+//! Commits are grouped: the thread runs every job queued at once in one
+//! transaction (each job a savepoint in it), commits and syncs the WAL a
+//! single time, and only then answers them ([`run_batch`]), so concurrent
+//! requests share an fsync and none is answered before its commit is on
+//! disk.
 //!
 //! Secrets are never stored here: credentials are re-obtained from the
 //! allocator (whose `IssueCredential` is idempotent per owner).
@@ -497,6 +498,17 @@ pub struct Outcome {
     pub update_repeatable: Option<bool>,
 }
 
+const INSERT_INSTANCE: &str = "
+INSERT INTO instances (id, service_id, plan_id, node_id, parameters, context,
+    organization_guid, space_guid, maintenance_version, state, created_at, updated_at,
+    kind, database_name)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'provisioning', ?10, ?10, ?11, ?12)";
+
+const INSERT_BINDING: &str = "
+INSERT INTO bindings (id, instance_id, service_id, plan_id, parameters, context,
+    bind_resource, state, created_at, updated_at)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'binding', ?8, ?8)";
+
 /// What a job hands back: the delivery of its result, run only once the
 /// batch is committed and on disk. Called with an error instead when the
 /// batch's transaction was lost (its commit failed, or SQLite rolled it
@@ -790,31 +802,26 @@ impl Store {
                 });
             };
             let now = now_ms();
-            let inserted = tx.prepare_cached(
-                "INSERT INTO instances (id, service_id, plan_id, node_id, parameters, context,
-                     organization_guid, space_guid, maintenance_version, state, created_at, updated_at,
-                     kind, database_name)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'provisioning', ?10, ?10, ?11, ?12)")?.execute(
-                params![
-                    new.id,
-                    new.service_id,
-                    new.plan_id,
-                    node_id,
-                    new.parameters.to_string(),
-                    new.context.to_string(),
-                    new.organization_guid,
-                    new.space_guid,
-                    new.maintenance_version,
-                    now,
-                    new.kind,
-                    new.database
-                ],
-            );
+            let inserted = tx.prepare_cached(INSERT_INSTANCE)?.execute(params![
+                new.id,
+                new.service_id,
+                new.plan_id,
+                node_id,
+                new.parameters.to_string(),
+                new.context.to_string(),
+                new.organization_guid,
+                new.space_guid,
+                new.maintenance_version,
+                now,
+                new.kind,
+                new.database
+            ]);
             match inserted {
                 Ok(_) => {}
                 Err(e) if is_constraint(&e) => {
-                    let existing = instance_view(&tx, &new.id)?
-                        .ok_or_else(|| Error::Internal("instance vanished in a transaction".into()))?;
+                    let existing = instance_view(&tx, &new.id)?.ok_or_else(|| {
+                        Error::Internal("instance vanished in a transaction".into())
+                    })?;
                     return Ok(CreateInstance::Exists(existing));
                 }
                 Err(e) => return Err(e.into()),
@@ -941,21 +948,16 @@ impl Store {
                 });
             };
             let now = now_ms();
-            let inserted = tx.prepare_cached(
-                "INSERT INTO bindings (id, instance_id, service_id, plan_id, parameters, context,
-                     bind_resource, state, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'binding', ?8, ?8)")?.execute(
-                params![
-                    new.id,
-                    new.instance_id,
-                    new.service_id,
-                    new.plan_id,
-                    new.parameters.to_string(),
-                    new.context.to_string(),
-                    new.bind_resource.to_string(),
-                    now
-                ],
-            );
+            let inserted = tx.prepare_cached(INSERT_BINDING)?.execute(params![
+                new.id,
+                new.instance_id,
+                new.service_id,
+                new.plan_id,
+                new.parameters.to_string(),
+                new.context.to_string(),
+                new.bind_resource.to_string(),
+                now
+            ]);
             match inserted {
                 Ok(_) => {}
                 Err(e) if is_constraint(&e) => {
