@@ -153,11 +153,8 @@ pub async fn run(
             // TCP_NODELAY on every accepted connection: a platform's next
             // request must not wait on a delayed ACK of our last answer.
             use axum::serve::ListenerExt as _;
-            let http_listener = http_listener.tap_io(|stream| {
-                if let Err(e) = stream.set_nodelay(true) {
-                    tracing::debug!(error = %e, "cannot set TCP_NODELAY on an accepted connection");
-                }
-            });
+            let http_listener =
+                http_listener.tap_io(|stream| svcbroker_proto::server::set_nodelay(stream));
             let r = axum::serve(http_listener, app)
                 .with_graceful_shutdown(signalled(rx))
                 .await

@@ -101,13 +101,15 @@ where
 /// tonic sets the option itself only on listeners it binds.
 fn nodelay(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<TcpStream>> {
     use tokio_stream::StreamExt as _;
-    TcpListenerStream::new(listener).map(|accepted| {
-        accepted.inspect(|stream| {
-            if let Err(e) = stream.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY on an accepted connection");
-            }
-        })
-    })
+    TcpListenerStream::new(listener).map(|accepted| accepted.inspect(set_nodelay))
+}
+
+/// Sets `TCP_NODELAY` on an accepted connection (see [`nodelay`]); one that
+/// refuses is served anyway: a missing option costs latency, not service.
+pub fn set_nodelay(stream: &TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY on an accepted connection");
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM: the one shutdown signal of every binary.

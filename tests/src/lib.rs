@@ -49,10 +49,10 @@ pub fn binary(name: &str) -> PathBuf {
 }
 
 /// Sends this process's tracing output (the in-process services') to the
-/// test's captured output; `RUST_LOG` overrides the default filter.
+/// test's captured output, filtered as the binaries filter theirs
+/// (`RUST_LOG`, default info, tokio-postgres capped).
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = svcbroker_proto::logging::filter(std::env::var("RUST_LOG").ok().as_deref());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_test_writer()
